@@ -1,0 +1,141 @@
+"""Anchors, IoU assignment and box coding for RetinaNet (§4 "Inference and Training", "Anchors").
+
+Nine anchors per location: areas 32^2 ... 512^2 on P3 ... P7, scales {2^0, 2^(1/3), 2^(2/3)} and
+aspect ratios {1:2, 1:1, 2:1}. An anchor is foreground when its IoU with a ground-truth box is
+>= 0.5, background below 0.4, and ignored in between (§4 "Training").
+
+Shape legend (used in every file): N images, R anchors (all levels), K classes, M ground-truth boxes
+per image (padded), A anchors per location (= 9), L pyramid levels.
+
+Anchor order is level, then y, then x, then anchor; within a location the anchors go aspect ratio
+first, then scale (torchvision's order, so its trained weights predict for the right anchor).
+This is the order in which heads.py flattens its outputs.
+"""
+import math
+
+import torch
+
+BACKGROUND = -1  # match() result of an anchor that trains as background; >= 0 is a box index
+IGNORE = -2  # match() result of an anchor in the ignore band (no loss)
+BBOX_CLAMP = math.log(1000.0 / 16)  # largest dw/dh before exp() (Detectron's bbox_xform_clip)
+SIZES = (32, 64, 128, 256, 512)  # anchor size on P3 ... P7 (§4 "Anchors")
+STRIDES = (8, 16, 32, 64, 128)  # 2^l for P3 ... P7
+SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # §4: three scales per octave
+RATIOS = (0.5, 1.0, 2.0)  # §4: aspect ratios (height / width) 1:2, 1:1, 2:1
+
+
+def cell_anchors(size, scales=SCALES, ratios=RATIOS, round_=False):
+    """The A = len(ratios) * len(scales) anchors of one level, centred on (0, 0), as (A, 4) xyxy.
+
+    ratio = height / width; each anchor keeps the area (size * scale)^2 (§4 "Anchors").
+    round_=True reproduces torchvision: integer sizes and corners rounded to whole pixels.
+    """
+    sizes = torch.tensor([int(size * s) if round_ else size * s for s in scales])  # torchvision: int()
+    ratios = torch.tensor(ratios)
+    h_ratios = ratios.sqrt()
+    w_ratios = 1 / h_ratios
+    ws = (w_ratios[:, None] * sizes[None, :]).reshape(-1)  # (len(ratios), len(scales)) -> (A,)
+    hs = (h_ratios[:, None] * sizes[None, :]).reshape(-1)
+    anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+    return anchors.round() if round_ else anchors
+
+
+def generate_anchors(image_size, sizes=SIZES, strides=STRIDES, scales=SCALES, ratios=RATIOS,
+                     offset=0.0, round_=False, device=None):
+    """All anchors of an (H, W) input, level by level: (R, 4) xyxy, R = sum_l H_l * W_l * A.
+
+    Level l has stride 2^l exactly and a ceil(H / 2^l) x ceil(W / 2^l) grid, the size every
+    stride-2 convolution (kernel 3, padding 1) in the backbone and FPN produces. Location (y, x) is
+    centred at ((x + offset) * s, (y + offset) * s): offset 0.0 is detectron2's and torchvision's.
+    """
+    height, width = image_size
+    out = []
+    for size, stride in zip(sizes, strides):
+        h, w = math.ceil(height / stride), math.ceil(width / stride)
+        xs = (torch.arange(w, dtype=torch.float32, device=device) + offset) * stride
+        ys = (torch.arange(h, dtype=torch.float32, device=device) + offset) * stride
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H, W, 4) -> (H*W, 1, 4)
+        cell = cell_anchors(size, scales, ratios, round_).to(device)  # (A, 4)
+        out.append((shifts + cell[None]).reshape(-1, 4))  # (H*W, A, 4) -> (H*W*A, 4)
+    return torch.cat(out)
+
+
+def pad_targets(boxes, labels):
+    """Per-image lists of (M_i, 4) boxes and (M_i,) labels -> (N, M, 4), (N, M) and a (N, M) mask.
+
+    Padding lets one tensor op match the whole batch (no Python loop over images). M >= 1, so that
+    a batch without any box still indexes like any other.
+    """
+    N, M = len(boxes), max([1] + [len(b) for b in boxes])
+    device = boxes[0].device if N else None
+    out_boxes = torch.zeros(N, M, 4, device=device)
+    out_labels = torch.full((N, M), -1, dtype=torch.long, device=device)
+    valid = torch.zeros(N, M, dtype=torch.bool, device=device)
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        out_boxes[i, : len(b)] = b
+        out_labels[i, : len(lab)] = lab
+        valid[i, : len(b)] = True
+    return out_boxes, out_labels, valid
+
+
+def box_iou(boxes, anchors):
+    """IoU of every box with every anchor: (..., M, 4) x (R, 4) -> (..., M, R)."""
+    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    lt = torch.maximum(boxes[..., None, :2], anchors[:, :2])  # (..., M, R, 2)
+    rb = torch.minimum(boxes[..., None, 2:], anchors[:, 2:])
+    wh = (rb - lt).clamp_(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_b[..., None] + area_a - inter)
+
+
+def match(anchors, gt_boxes, gt_valid, fg_iou=0.5, bg_iou=0.4, low_quality=True):
+    """Assign every anchor of every image to a ground-truth box, in one pass over the batch.
+
+    anchors (R, 4); gt_boxes (N, M, 4) padded; gt_valid (N, M) bool marks the real boxes.
+    Returns (N, R) int64: the index of the assigned box (>= 0), BACKGROUND (-1) or IGNORE (-2).
+    """
+    N, M = gt_valid.shape
+    matched = torch.full((N, anchors.shape[0]), BACKGROUND, dtype=torch.long, device=anchors.device)
+    if M == 0:
+        return matched
+    iou = box_iou(gt_boxes, anchors)  # (N, M, R)
+    iou.masked_fill_(~gt_valid[..., None], -1.0)  # padding never wins
+    best_iou, best_gt = iou.max(dim=1)  # (N, R): best box for each anchor
+    matched = torch.where(best_iou >= fg_iou, best_gt, matched)  # §4: IoU >= 0.5 is foreground
+    matched = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, matched)  # [0.4, 0.5) ignored
+    if low_quality:
+        # Each box also claims the anchors it overlaps most (ties included), as detectron2 and
+        # torchvision do, so no box is left without a positive. A box whose best IoU is 0 claims
+        # nothing (torchvision would hand it every anchor that overlaps nothing).
+        per_gt_best = iou.max(dim=2, keepdim=True).values  # (N, M, 1)
+        claimed = ((iou == per_gt_best) & (per_gt_best > 0)).any(dim=1)  # (N, R)
+        matched = torch.where(claimed, best_gt, matched)
+    return matched
+
+
+def encode(anchors, boxes, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Regression targets (dx, dy, dw, dh) that move each anchor onto its box: (..., 4) -> (..., 4)."""
+    wx, wy, ww, wh = weights
+    aw, ah = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    ax, ay = anchors[..., 0] + 0.5 * aw, anchors[..., 1] + 0.5 * ah
+    bw, bh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    bx, by = boxes[..., 0] + 0.5 * bw, boxes[..., 1] + 0.5 * bh
+    return torch.stack(
+        [wx * (bx - ax) / aw, wy * (by - ay) / ah, ww * torch.log(bw / aw), wh * torch.log(bh / ah)], dim=-1
+    )
+
+
+def decode(anchors, deltas, weights=(1.0, 1.0, 1.0, 1.0), clamp=BBOX_CLAMP):
+    """Inverse of encode: apply (dx, dy, dw, dh) to anchors, giving xyxy boxes: (..., 4) -> (..., 4)."""
+    wx, wy, ww, wh = weights
+    anchors = anchors.to(deltas.dtype)
+    aw, ah = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+    ax, ay = anchors[..., 0] + 0.5 * aw, anchors[..., 1] + 0.5 * ah
+    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+    dw = (deltas[..., 2] / ww).clamp(max=clamp)  # keep exp() finite for wild predictions
+    dh = (deltas[..., 3] / wh).clamp(max=clamp)
+    cx, cy = dx * aw + ax, dy * ah + ay
+    half_w, half_h = 0.5 * torch.exp(dw) * aw, 0.5 * torch.exp(dh) * ah
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)

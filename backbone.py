@@ -1,0 +1,108 @@
+"""ResNet backbone for RetinaNet: the C3, C4, C5 feature maps (strides 8, 16, 32), §3.4 and §4.
+
+The paper builds FPN on ResNet-50/101 pre-trained on ImageNet, with batch norm frozen (its
+statistics and affine terms become constants) and the stem plus the first residual stage frozen,
+as in Detectron (FREEZE_AT = 2). Training from scratch (the CPU quick start) needs trainable batch
+norm instead: norm="bn".
+
+Module names follow torchvision's ResNet (conv1, bn1, layer1 ... layer4), so an ImageNet or
+torchvision detection state dict loads key for key.
+"""
+import socket
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+ARCHS = {  # name -> (torchvision constructor, ImageNet weights, C3/C4/C5 channels)
+    "resnet18": ("resnet18", "ResNet18_Weights", (128, 256, 512)),
+    "resnet34": ("resnet34", "ResNet34_Weights", (128, 256, 512)),
+    "resnet50": ("resnet50", "ResNet50_Weights", (512, 1024, 2048)),
+    "resnet101": ("resnet101", "ResNet101_Weights", (512, 1024, 2048)),
+    "resnet152": ("resnet152", "ResNet152_Weights", (512, 1024, 2048)),
+}
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # freeze_at=k freezes the first k
+
+
+class Backbone(nn.Module):
+    """ResNet trunk without its classifier. forward(x (N, 3, H, W)) -> [C3, C4, C5]."""
+
+    def __init__(self, arch="resnet50", norm="frozen", freeze_at=2, weights=None, frozen_bn_eps=1e-5):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if norm not in ("frozen", "bn"):
+            raise ValueError(f"norm must be 'frozen' or 'bn', got {norm!r}")
+        if not 0 <= freeze_at <= len(STAGES):
+            raise ValueError(f"freeze_at must be in 0..{len(STAGES)}, got {freeze_at}")
+        fn_name, _, self.out_channels = ARCHS[arch]
+        norm_layer = (lambda c: FrozenBatchNorm2d(c, eps=frozen_bn_eps)) if norm == "frozen" else nn.BatchNorm2d
+        net = getattr(torchvision.models, fn_name)(weights=None, norm_layer=norm_layer)
+        if weights is not None:
+            state = imagenet_state_dict(arch) if weights == "imagenet" else _load_local(weights)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is not used
+            try:
+                missing = [k for k in net.load_state_dict(state, strict=False).missing_keys if not k.startswith("fc.")]
+            except RuntimeError:  # shapes that do not fit
+                missing = ["(tensors of other shapes)"]
+            if missing:
+                raise ValueError(f"{weights}: not a {arch} state dict (missing {missing[0]})")
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for stage in STAGES[:freeze_at]:  # Detectron's FREEZE_AT: no gradient, no batch statistics
+            for name in ("conv1", "bn1") if stage == "stem" else (stage,):
+                setattr(self, name, _freeze(getattr(self, name)))
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # stride 4
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)  # stride 8
+        c4 = self.layer3(c3)  # stride 16
+        c5 = self.layer4(c4)  # stride 32
+        return [c3, c4, c5]
+
+
+def _freeze(module):
+    """`module` with no trainable parameter: BatchNorm2d becomes FrozenBatchNorm2d (as detectron2)."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        frozen.load_state_dict(module.state_dict(), strict=False)  # drops num_batches_tracked
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, _freeze(child))
+    return module.requires_grad_(False)
+
+
+def imagenet_state_dict(arch):
+    """torchvision's ImageNet weights for `arch` (downloaded once into the torch hub cache)."""
+    _, weights_name, _ = ARCHS[arch]
+    url = getattr(torchvision.models, weights_name).IMAGENET1K_V1.url
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # fail in seconds, not minutes, when offline
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+    except OSError as e:  # URLError, timeouts, DNS failures
+        raise RuntimeError(
+            f"could not download ImageNet weights for {arch} from {url} ({e}); on a machine without "
+            f"internet, fetch that file elsewhere and pass its path instead (--backbone-weights PATH), "
+            f"or train from scratch with --backbone-weights none --norm bn"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _load_local(path):
+    """A state dict from a local .pth: plain, or under 'model' / 'state_dict' as training scripts save."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch state dict ({type(e).__name__})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a PyTorch state dict")
+    return state

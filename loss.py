@@ -1,0 +1,128 @@
+"""Focal loss and the RetinaNet training loss (§3 "Focal Loss", §4 "Inference and Training").
+
+    FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)                          (§3.2, Eq. 5)
+
+with p_t = p for the ground-truth class and 1 - p otherwise. gamma = 0 is alpha-balanced cross
+entropy (§3.1, Eq. 3) and alpha = None drops the weighting (plain CE, Eq. 1).
+
+The training loss sums FL over all anchors that are not ignored (~100k per image, not a sampled
+subset: §3.2 / §4 "Training") and smooth L1 over the foreground anchors, and divides both by the
+number of foreground anchors, as Detectron does. Everything here takes tensors: no model.
+
+Shape legend: N images, R anchors, K classes, M boxes per image.
+"""
+import torch
+import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss
+
+import anchors as A
+
+
+class _SigmoidFocalLoss(torch.autograd.Function):
+    """Elementwise FL from logits with a closed-form gradient: one pass forward, none backward.
+
+    Writing z = x for a positive and -x for a negative, p_t = sigmoid(z), log p_t = logsigmoid(z)
+    and 1 - p_t = sigmoid(-z): finite for any logit, with no clamping of probabilities.
+    dFL/dz = alpha_t (1 - p_t)^gamma (gamma p_t log p_t - (1 - p_t)).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, alpha, gamma):
+        sign = 2.0 * targets - 1.0  # +1 positive, -1 negative
+        z = logits * sign
+        log_pt = F.logsigmoid(z)
+        q = torch.sigmoid(-z)  # 1 - p_t
+        mod = q.pow(gamma) if gamma != 0 else torch.ones_like(q)  # (1 - p_t)^gamma, the modulating factor
+        if alpha is not None:
+            mod = mod * (alpha * targets + (1 - alpha) * (1 - targets))  # alpha_t (§3.1)
+        if ctx.needs_input_grad[0]:  # saving the gradient here costs one tensor and no recomputation
+            ctx.save_for_backward(sign * mod * (gamma * (1 - q) * log_pt - q))
+        return -mod * log_pt
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None, None
+
+
+def focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="sum"):
+    """Sigmoid focal loss (§3.2, Eq. 5). targets: 0/1, the shape of logits. reduction: none|mean|sum."""
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    loss = _SigmoidFocalLoss.apply(logits, targets.to(logits.dtype), alpha, float(gamma))
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def box_loss(kind, deltas, anchors, boxes, beta=0.11):
+    """Summed box loss of F foreground anchors: deltas, anchors, boxes (F, 4).
+
+    smooth_l1 on the (dx, dy, dw, dh) targets is the paper's (Detectron's beta = 0.11); l1 is
+    torchvision v1's and detectron2's; giou compares decoded boxes, as torchvision v2 does.
+    """
+    if kind == "giou":
+        return generalized_box_iou_loss(A.decode(anchors, deltas), boxes, reduction="sum", eps=1e-7)
+    targets = A.encode(anchors, boxes)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")
+    if kind == "l1":
+        return F.l1_loss(deltas, targets, reduction="sum")
+    raise ValueError(f"box loss must be 'smooth_l1', 'l1' or 'giou', got {kind!r}")
+
+
+def check_targets(boxes, labels, valid, num_classes):
+    """ValueError naming the first bad box of a padded batch: NaN/inf, x2 < x1, y2 < y1, bad label."""
+    finite = torch.isfinite(boxes).all(dim=-1)
+    problems = {
+        "is not finite": ~finite,
+        "has x2 < x1": boxes[..., 2] < boxes[..., 0],
+        "has y2 < y1": boxes[..., 3] < boxes[..., 1],
+        f"has a label outside [0, {num_classes})": (labels < 0) | (labels >= num_classes),
+    }
+    for what, bad in problems.items():
+        bad = bad & valid
+        if bad.any():
+            n, j = bad.nonzero()[0].tolist()
+            shown = labels[n, j].item() if "label" in what else boxes[n, j].tolist()
+            raise ValueError(f"image {n}, box {j} {what}: {shown}")
+
+
+def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, *, alpha=0.25, gamma=2.0,
+                   box_loss_type="smooth_l1", beta=0.11, fg_iou=0.5, bg_iou=0.4, low_quality=True,
+                   reduce_num_fg=None):
+    """Classification and box losses of a batch, each divided by max(1, foreground anchors).
+
+    cls_logits (N, R, K) and box_deltas (N, R, 4) as the model returns them; anchors (R, 4);
+    gt_boxes / gt_labels: per-image lists of (M_i, 4) xyxy boxes and (M_i,) labels in [0, K).
+    An image with no boxes contributes only background loss. reduce_num_fg, if given, maps the
+    local foreground count to the one to divide by (train.py all-reduces it across GPUs).
+    Both losses are computed in float32, also under autocast.
+    """
+    N, _, K = cls_logits.shape
+    if len(gt_boxes) != N or len(gt_labels) != N:
+        raise ValueError(f"got targets for {len(gt_boxes)} images and {len(gt_labels)} label sets for {N} images")
+    boxes, labels, valid = A.pad_targets(gt_boxes, gt_labels)  # (N, M, 4), (N, M), (N, M)
+    check_targets(boxes, labels, valid, K)
+    matched = A.match(anchors, boxes, valid, fg_iou, bg_iou, low_quality)  # (N, R)
+    fg = matched >= 0
+    num_fg = fg.sum().float()
+    if reduce_num_fg is not None:
+        num_fg = reduce_num_fg(num_fg)
+    normalizer = num_fg.clamp(min=1.0)
+
+    # Classification: one-hot targets for foreground anchors, all zeros for background (§3.2).
+    fg_labels = torch.where(fg, labels.gather(1, matched.clamp(min=0)), K)  # (N, R); K = background
+    targets = F.one_hot(fg_labels, K + 1)[..., :K]  # (N, R, K+1) -> (N, R, K)
+    keep = (matched != A.IGNORE).unsqueeze(-1)  # (N, R, 1): no loss in the ignore band
+    cls = (focal_loss(cls_logits.float(), targets, alpha, gamma, reduction="none") * keep).sum()
+
+    # Box regression on foreground anchors only.
+    n_idx, r_idx = fg.nonzero(as_tuple=True)  # F foreground anchors over the batch
+    matched_boxes = boxes[n_idx, matched[n_idx, r_idx]]  # (F, 4)
+    box = box_loss(box_loss_type, box_deltas[n_idx, r_idx].float(), anchors[r_idx], matched_boxes, beta)
+    return {"cls": cls / normalizer, "box": box / normalizer}

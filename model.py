@@ -1,0 +1,238 @@
+"""RetinaNet, assembled: ResNet + FPN + class and box subnets (§4 "RetinaNet Detector", Fig. 3),
+and its inference (§4 "Inference").
+
+`RetinaNet(cfg).forward(images)` maps a normalised, padded batch (N, 3, H, W) to raw outputs
+(cls_logits (N, R, K), box_deltas (N, R, 4)), the same in train and eval mode. Everything else is a
+plain function beside it: `preprocess` (resize, normalise, pad), `make_anchors`, `postprocess`
+(threshold, top-k, decode, NMS), `detect` (all of it for a list of images), `from_torchvision`.
+Losses live in loss.py.
+
+Shape legend: N images, R anchors, K classes, M boxes, A anchors per location (9).
+"""
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+import anchors as A
+from backbone import Backbone
+from fpn import FPN
+from heads import Head
+
+
+@dataclass
+class ModelConfig:
+    """Every hyperparameter of the detector; saved in checkpoints so that a model rebuilds from it."""
+
+    num_classes: int = 80
+    class_names: tuple = ()
+    # backbone and FPN (§3.4, §4)
+    arch: str = "resnet50"
+    norm: str = "frozen"  # "frozen" (paper, with ImageNet weights) or "bn" (training from scratch)
+    freeze_at: int = 2  # stem + res2, as Detectron
+    frozen_bn_eps: float = 1e-5
+    channels: int = 256  # FPN and head width C
+    p6_from: str = "c5"  # paper; torchvision v1 uses "p5"
+    # subnets (§4, §4.1)
+    num_convs: int = 4
+    head_norm: str | None = None  # None (paper) or "gn" (torchvision v2)
+    prior: float = 0.01  # pi of §3.3
+    # anchors (§4 "Anchors")
+    anchor_sizes: tuple = A.SIZES
+    anchor_scales: tuple = A.SCALES
+    anchor_ratios: tuple = A.RATIOS
+    anchor_offset: float = 0.0
+    round_anchors: bool = False  # torchvision's integer anchors (from_torchvision turns it on)
+    # training targets and loss (§3, §4 "Training")
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    low_quality_matches: bool = True
+    alpha: float | None = 0.25
+    gamma: float = 2.0
+    box_loss: str = "smooth_l1"  # paper (beta 0.11); "l1" torchvision v1 / detectron2; "giou" torchvision v2
+    smooth_l1_beta: float = 0.11
+    # input (torchvision's ImageNet normalisation, RGB in [0, 1]; Detectron used BGR Caffe2 weights)
+    min_size: int = 800
+    max_size: int = 1333
+    size_divisible: int = 128  # P7 has stride 128: every level's grid covers the input exactly
+    pixel_mean: tuple = (0.485, 0.456, 0.406)
+    pixel_std: tuple = (0.229, 0.224, 0.225)
+    # inference (§4 "Inference")
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per level
+    nms_thresh: float = 0.5
+    max_detections: int = 100
+
+    @property
+    def num_anchors(self):
+        return len(self.anchor_scales) * len(self.anchor_ratios)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class RetinaNet(nn.Module):
+    """forward(images (N, 3, H, W)) -> (cls_logits (N, R, K), box_deltas (N, R, 4))."""
+
+    def __init__(self, cfg: ModelConfig, backbone_weights=None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.arch, cfg.norm, cfg.freeze_at, backbone_weights, cfg.frozen_bn_eps)
+        self.fpn = FPN(self.backbone.out_channels, cfg.channels, cfg.p6_from)
+        self.cls_head = Head(cfg.channels, cfg.num_classes, cfg.num_anchors, cfg.num_convs, cfg.head_norm, cfg.prior)
+        self.box_head = Head(cfg.channels, 4, cfg.num_anchors, cfg.num_convs, cfg.head_norm)
+
+    def forward(self, images):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected a (N, 3, H, W) batch, got shape {tuple(images.shape)}")
+        features = self.fpn(self.backbone(images))  # [P3 ... P7]
+        return self.cls_head(features), self.box_head(features)
+
+
+def preprocess(images, cfg, resize=True):
+    """List of (3, H_i, W_i) images (uint8, or float in [0, 1]) -> normalised batch and sizes.
+
+    Resizes the shorter side to cfg.min_size (longer side at most cfg.max_size) as torchvision
+    does, normalises, and pads with zeros to a multiple of cfg.size_divisible.
+    Returns (batch (N, 3, H, W), [(h_i, w_i)] sizes after resizing, before padding).
+    """
+    out = []
+    for i, img in enumerate(images):
+        if not torch.is_tensor(img) or img.dim() != 3 or img.shape[0] != 3:
+            shape = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
+            raise ValueError(f"image {i}: expected a (3, H, W) tensor, got {shape}")
+        img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
+        mean = torch.tensor(cfg.pixel_mean, device=img.device)[:, None, None]
+        std = torch.tensor(cfg.pixel_std, device=img.device)[:, None, None]
+        img = (img - mean) / std
+        if resize:
+            h, w = img.shape[-2:]
+            scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
+            img = F.interpolate(img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                                align_corners=False)[0]
+        out.append(img)
+    sizes = [tuple(img.shape[-2:]) for img in out]
+    d = cfg.size_divisible
+    H = math.ceil(max(h for h, _ in sizes) / d) * d
+    W = math.ceil(max(w for _, w in sizes) / d) * d
+    batch = out[0].new_zeros(len(out), 3, H, W)
+    for b, img in zip(batch, out):
+        b[:, : img.shape[1], : img.shape[2]].copy_(img)
+    return batch, sizes
+
+
+def make_anchors(cfg, image_size, device=None):
+    """Anchors of a padded (H, W) input and the number of anchors on each level: (R, 4), [R_l]."""
+    strides = [2**level for level in range(3, 3 + len(cfg.anchor_sizes))]  # P3, P4, ...
+    anchors = A.generate_anchors(image_size, cfg.anchor_sizes, strides, cfg.anchor_scales, cfg.anchor_ratios,
+                                 cfg.anchor_offset, cfg.round_anchors, device)
+    per_level = [math.ceil(image_size[0] / s) * math.ceil(image_size[1] / s) * cfg.num_anchors for s in strides]
+    return anchors, per_level
+
+
+def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, original_sizes=None, score_thresh=0.05,
+                topk_candidates=1000, nms_thresh=0.5, max_detections=100):
+    """Raw outputs -> detections per image (§4 "Inference").
+
+    Per level: keep scores > score_thresh, at most topk_candidates over anchor x class, decode and
+    clip to the image. Then class-wise NMS at nms_thresh and the best max_detections. Boxes come
+    back in original_sizes coordinates (or those of image_sizes when it is None).
+    Returns a list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)}.
+    """
+    K = cls_logits.shape[-1]
+    # score > t  <=>  logit > log(t / (1 - t)): the threshold costs no sigmoid over all R x K scores
+    logit_thresh = math.log(score_thresh / (1 - score_thresh))
+    results = []
+    for n, size in enumerate(image_sizes):
+        boxes, scores, labels = [], [], []
+        for logits, deltas, anc in zip(cls_logits[n].split(per_level), box_deltas[n].split(per_level),
+                                       anchors.split(per_level)):
+            flat = logits.flatten()  # (R_l, K) -> (R_l * K,)
+            idx = (flat > logit_thresh).nonzero().squeeze(1)
+            s, order = flat[idx].sigmoid().topk(min(topk_candidates, idx.numel()))
+            idx = idx[order]
+            a = idx // K  # anchor index within the level
+            boxes.append(clip_boxes_to_image(A.decode(anc[a], deltas[a]), size))
+            scores.append(s)
+            labels.append(idx % K)
+        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+        boxes = boxes[keep]
+        if original_sizes is not None:  # back to the input image's pixels
+            (h0, w0), (h, w) = original_sizes[n], size
+            boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], device=boxes.device)
+        results.append({"boxes": boxes, "scores": scores[keep], "labels": labels[keep]})
+    return results
+
+
+@torch.inference_mode()
+def detect(model, images, score_thresh=None):
+    """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batch, sizes = preprocess([img.to(device) for img in images], cfg)
+    cls_logits, box_deltas = model(batch)
+    model.train(was_training)
+    anchors, per_level = make_anchors(cfg, batch.shape[-2:], device)
+    return postprocess(cls_logits, box_deltas, anchors, per_level, sizes, [img.shape[-2:] for img in images],
+                       cfg.score_thresh if score_thresh is None else score_thresh, cfg.topk_candidates,
+                       cfg.nms_thresh, cfg.max_detections)
+
+
+# torchvision key -> ours. Old torchvision files (the v1 COCO weights) name the FPN convs without
+# the ".0." and the head convs conv.0, conv.2, ...; both forms are accepted.
+_TV_KEYS = [
+    (r"^backbone\.body\.", "backbone."),
+    (r"^backbone\.fpn\.inner_blocks\.(\d)\.(0\.)?", r"fpn.lateral.\1."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d)\.(0\.)?", r"fpn.output.\1."),
+    (r"^backbone\.fpn\.extra_blocks\.", "fpn."),
+    (r"^head\.classification_head\.conv\.(\d)\.(\d)\.", r"cls_head.tower.\1.\2."),
+    (r"^head\.classification_head\.conv\.(\d)\.", lambda m: f"cls_head.tower.{int(m[1]) // 2}.0."),
+    (r"^head\.classification_head\.cls_logits\.", "cls_head.out."),
+    (r"^head\.regression_head\.conv\.(\d)\.(\d)\.", r"box_head.tower.\1.\2."),
+    (r"^head\.regression_head\.conv\.(\d)\.", lambda m: f"box_head.tower.{int(m[1]) // 2}.0."),
+    (r"^head\.regression_head\.bbox_reg\.", "box_head.out."),
+]
+
+
+def torchvision_config(version=1, num_classes=91, class_names=()):
+    """The ModelConfig of torchvision's retinanet_resnet50_fpn (v1) or retinanet_resnet50_fpn_v2."""
+    if version not in (1, 2):
+        raise ValueError(f"torchvision RetinaNet version must be 1 or 2, got {version!r}")
+    return ModelConfig(
+        num_classes=num_classes, class_names=tuple(class_names), arch="resnet50", norm="frozen", round_anchors=True,
+        # v1: P6 from P5 and its COCO weights were trained with batch-norm eps 0 (torchvision's overwrite_eps)
+        p6_from="p5" if version == 1 else "c5", frozen_bn_eps=0.0 if version == 1 else 1e-5,
+        head_norm=None if version == 1 else "gn", box_loss="l1" if version == 1 else "giou",
+    )
+
+
+def torchvision_key(key):
+    """Our name for a torchvision RetinaNet state-dict key, or None for a key we have no use for."""
+    for pattern, repl in _TV_KEYS:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
+def from_torchvision(state_dict, version=1, class_names=()):
+    """A RetinaNet holding the weights of torchvision's retinanet_resnet50_fpn (version=1, 36.4 COCO AP)
+    or retinanet_resnet50_fpn_v2 (version=2, 41.5 AP), given their state dict."""
+    ours = {torchvision_key(k): v for k, v in state_dict.items() if torchvision_key(k)}
+    if "cls_head.out.weight" not in ours:
+        raise ValueError("not a torchvision RetinaNet state dict (no head.classification_head.cls_logits)")
+    num_classes = ours["cls_head.out.weight"].shape[0] // 9
+    model = RetinaNet(torchvision_config(version, num_classes, class_names))
+    model.load_state_dict(ours, strict=True)
+    return model

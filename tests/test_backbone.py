@@ -1,0 +1,83 @@
+"""backbone.py: C3-C5 against torchvision's ResNet, freezing, and weight loading with bad files."""
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from backbone import Backbone
+
+
+def test_c3_c4_c5_equal_torchvision_resnet_with_the_same_local_weights(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50().eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(net.state_dict(), path)
+    ours = Backbone("resnet50", norm="frozen", weights=str(path)).eval()
+    x = torch.randn(1, 3, 100, 131)
+    with torch.no_grad():
+        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        c3 = net.layer2(net.layer1(y))
+        c4 = net.layer3(c3)
+        c5 = net.layer4(c4)
+        for a, b in zip(ours(x), (c3, c4, c5)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,channels", [("resnet18", (128, 256, 512)), ("resnet50", (512, 1024, 2048))])
+def test_strides_8_16_32_and_channels(arch, channels):
+    c3, c4, c5 = Backbone(arch, norm="bn")(torch.randn(1, 3, 100, 131))
+    assert [c.shape[1] for c in (c3, c4, c5)] == list(channels)
+    assert [tuple(c.shape[-2:]) for c in (c3, c4, c5)] == [(13, 17), (7, 9), (4, 5)]  # ceil(H / stride)
+
+
+def trainable(module):
+    return any(p.requires_grad for p in module.parameters())
+
+
+def test_freeze_at_two_freezes_stem_and_res2_as_detectron():
+    b = Backbone("resnet18", norm="frozen", freeze_at=2)
+    assert not trainable(b.conv1) and not trainable(b.layer1)
+    assert trainable(b.layer2) and trainable(b.layer4)
+    assert all(isinstance(m, FrozenBatchNorm2d) for m in b.modules() if "BatchNorm" in type(m).__name__)
+    assert not trainable(Backbone("resnet18", freeze_at=5))
+    assert trainable(Backbone("resnet18", norm="bn", freeze_at=0).conv1)
+
+
+def test_trainable_bn_only_outside_the_frozen_stages():
+    b = Backbone("resnet18", norm="bn", freeze_at=2)
+    assert isinstance(b.bn1, FrozenBatchNorm2d) and isinstance(b.layer1[0].bn1, FrozenBatchNorm2d)
+    assert isinstance(b.layer2[0].bn1, nn.BatchNorm2d) and b.layer2[0].bn1.weight.requires_grad
+
+
+def test_imagenet_weights_offline_fail_in_one_line_naming_the_alternative(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="--backbone-weights PATH") as e:
+        Backbone("resnet18", weights="imagenet")
+    assert "\n" not in str(e.value) and "resnet18-f37072fd.pth" in str(e.value)
+
+
+def test_bad_weight_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth: no such file"):
+        Backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pth: not a PyTorch state dict"):
+        Backbone("resnet18", weights=str(text))
+    r18 = tmp_path / "r18.pth"
+    torch.save({"model": torchvision.models.resnet18().state_dict()}, r18)
+    Backbone("resnet18", weights=str(r18))  # a state dict under "model" loads
+    with pytest.raises(ValueError, match="r18.pth: not a resnet50 state dict"):
+        Backbone("resnet50", weights=str(r18))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown arch 'vgg16'"):
+        Backbone("vgg16")
+    with pytest.raises(ValueError, match="norm must be"):
+        Backbone("resnet18", norm="gn")
