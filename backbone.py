@@ -76,18 +76,19 @@ def _freeze(module):
 
 def imagenet_state_dict(arch):
     """torchvision's ImageNet weights for `arch` (downloaded once into the torch hub cache)."""
-    _, weights_name, _ = ARCHS[arch]
-    url = getattr(torchvision.models, weights_name).IMAGENET1K_V1.url
+    url = getattr(torchvision.models, ARCHS[arch][1]).IMAGENET1K_V1.url
+    return download_state_dict(url, "fetch that file elsewhere and pass its path (--backbone-weights PATH), "
+                                    "or train from scratch (--backbone-weights none --norm bn)")
+
+
+def download_state_dict(url, alternative):
+    """A state dict from torch's hub cache, downloaded once; offline, a one-line RuntimeError."""
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # fail in seconds, not minutes, when offline
     try:
         return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
     except OSError as e:  # URLError, timeouts, DNS failures
-        raise RuntimeError(
-            f"could not download ImageNet weights for {arch} from {url} ({e}); on a machine without "
-            f"internet, fetch that file elsewhere and pass its path instead (--backbone-weights PATH), "
-            f"or train from scratch with --backbone-weights none --norm bn"
-        ) from None
+        raise RuntimeError(f"could not download {url} ({e}); without internet, {alternative}") from None
     finally:
         socket.setdefaulttimeout(old)
 

@@ -31,13 +31,20 @@ class Head(nn.Module):
             gn = [nn.GroupNorm(32, channels)] if norm == "gn" else []
             layers.append(nn.Sequential(conv, *gn, nn.ReLU()))
         self.tower = nn.Sequential(*layers)
-        self.out = nn.Conv2d(channels, num_anchors * out_per_anchor, 3, padding=1)
-        self.out_per_anchor = out_per_anchor
-        for m in self.modules():
+        for m in self.tower.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)  # §4.1
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.channels, self.num_anchors = channels, num_anchors
+        self.reset_output(out_per_anchor, prior)
+
+    def reset_output(self, out_per_anchor, prior=None):
+        """A new output conv with the paper's initialisation (also for fine-tuning to other classes)."""
+        self.out_per_anchor = out_per_anchor
+        self.out = nn.Conv2d(self.channels, self.num_anchors * out_per_anchor, 3, padding=1)
+        nn.init.normal_(self.out.weight, std=0.01)  # §4.1
+        nn.init.zeros_(self.out.bias)
         if prior is not None:
             nn.init.constant_(self.out.bias, -math.log((1 - prior) / prior))  # §3.3, prior pi
 

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 import anchors as A
-from backbone import Backbone
+from backbone import Backbone, download_state_dict
 from fpn import FPN
 from heads import Head
 
@@ -29,7 +29,8 @@ class ModelConfig:
     """Every hyperparameter of the detector; saved in checkpoints so that a model rebuilds from it."""
 
     num_classes: int = 80
-    class_names: tuple = ()
+    class_names: tuple = ()  # label -> name, for infer.py and app.py
+    category_ids: tuple = ()  # label -> the dataset's category id, for COCO results
     # backbone and FPN (§3.4, §4)
     arch: str = "resnet50"
     norm: str = "frozen"  # "frozen" (paper, with ImageNet weights) or "bn" (training from scratch)
@@ -84,6 +85,8 @@ class RetinaNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backbone_weights=None):
         super().__init__()
+        if len(cfg.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes: one size for each of P3-P7, got {cfg.anchor_sizes}")
         self.cfg = cfg
         self.backbone = Backbone(cfg.arch, cfg.norm, cfg.freeze_at, backbone_weights, cfg.frozen_bn_eps)
         self.fpn = FPN(self.backbone.out_channels, cfg.channels, cfg.p6_from)
@@ -109,10 +112,7 @@ def preprocess(images, cfg, resize=True):
         if not torch.is_tensor(img) or img.dim() != 3 or img.shape[0] != 3:
             shape = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
             raise ValueError(f"image {i}: expected a (3, H, W) tensor, got {shape}")
-        img = img.float() / 255 if img.dtype == torch.uint8 else img.float()
-        mean = torch.tensor(cfg.pixel_mean, device=img.device)[:, None, None]
-        std = torch.tensor(cfg.pixel_std, device=img.device)[:, None, None]
-        img = (img - mean) / std
+        img = normalize(img, cfg)
         if resize:
             h, w = img.shape[-2:]
             scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
@@ -127,6 +127,14 @@ def preprocess(images, cfg, resize=True):
     for b, img in zip(batch, out):
         b[:, : img.shape[1], : img.shape[2]].copy_(img)
     return batch, sizes
+
+
+def normalize(images, cfg):
+    """uint8 (0-255) or float (0-1) images (..., 3, H, W) -> float, normalised with cfg's mean and std."""
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(cfg.pixel_mean, device=images.device)[:, None, None]
+    std = torch.tensor(cfg.pixel_std, device=images.device)[:, None, None]
+    return (images - mean) / std
 
 
 def make_anchors(cfg, image_size, device=None):
@@ -236,3 +244,34 @@ def from_torchvision(state_dict, version=1, class_names=()):
     model = RetinaNet(torchvision_config(version, num_classes, class_names))
     model.load_state_dict(ours, strict=True)
     return model
+
+
+def load_checkpoint(path, device="cpu"):
+    """The model of a checkpoint written by train.py (its ModelConfig rebuilds it), in eval mode."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # a truncated file, a text file, a pickle with code in it
+        raise ValueError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
+    model = RetinaNet(ModelConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit its config ({str(e).splitlines()[1].strip()[:120]})") from None
+    return model.to(device).eval()
+
+
+def load_torchvision(version=1):
+    """torchvision's COCO-trained RetinaNet (downloaded once), converted: 91 outputs indexed by COCO
+    category id, named with torchvision's category list."""
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights
+
+    weights = (RetinaNet_ResNet50_FPN_Weights if version == 1 else RetinaNet_ResNet50_FPN_V2_Weights).COCO_V1
+    state = download_state_dict(weights.url, "use a checkpoint of this project (--weights PATH)")
+    names = weights.meta["categories"]
+    model = from_torchvision(state, version, class_names=names)
+    model.cfg.category_ids = tuple(range(len(names)))  # torchvision's label is the COCO category id
+    return model.eval()

@@ -1,0 +1,129 @@
+"""data.py: the real COCO subset through pycocotools, augmentation geometry, bad files, shapes, evaluation."""
+import filecmp
+import json
+import os
+
+import pytest
+import torch
+from conftest import shared_path
+
+import data as D
+
+
+def coco_subset(**kw):
+    return D.CocoDetection(*D.coco_paths(shared_path("coco_val2017_subset"), "val2017"), **kw)
+
+
+def test_coco_subset_yields_253_non_crowd_boxes_with_their_labels():
+    ds = coco_subset()
+    raw = json.load(open(D.coco_paths(shared_path("coco_val2017_subset"), "val2017")[0]))
+    cat_ids = sorted(c["id"] for c in raw["categories"])
+    assert len(ds) == 20 and len(ds.class_names) == 80 and ds.cat_ids == cat_ids
+    assert sum(len(boxes) for boxes, _ in ds.targets) == 253
+    for i in range(len(ds)):
+        image, target = ds[i]
+        anns = [a for a in raw["annotations"] if a["image_id"] == target["image_id"] and not a["iscrowd"]]
+        expected_boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
+        assert image.dtype == torch.uint8 and image.shape[0] == 3 and tuple(image.shape[1:]) == target["orig_size"]
+        torch.testing.assert_close(target["boxes"], expected_boxes)
+        assert [ds.cat_ids[lab] for lab in target["labels"].tolist()] == [a["category_id"] for a in anns]
+
+
+def test_ground_truth_fed_back_as_detections_scores_ap_1():
+    ds = coco_subset()
+    detections = [{"boxes": b, "scores": torch.ones(len(b)), "labels": lab} for b, lab in ds.targets]
+    stats = D.coco_evaluate(ds.coco, D.coco_results(detections, ds.ids, ds.cat_ids), image_ids=ds.ids)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+
+
+def test_flipped_and_resized_sample_keeps_its_boxes_on_the_objects():
+    plain = coco_subset()
+    augmented = coco_subset(train=True, min_size=400, max_size=1000, flip=1.0)
+    for i in (0, 7):
+        image, target = plain[i]
+        big, moved = augmented[(i, 123)]
+        (h, w), (H, W) = image.shape[1:], big.shape[1:]
+        assert min(H, W) == 400
+        sx, sy = W / w, H / h
+        b = target["boxes"]
+        expected = torch.stack([(w - b[:, 2]) * sx, b[:, 1] * sy, (w - b[:, 0]) * sx, b[:, 3] * sy], dim=1)
+        torch.testing.assert_close(moved["boxes"], expected, rtol=1e-4, atol=1e-3)
+        assert torch.equal(moved["labels"], target["labels"])
+
+
+def test_sample_seed_fixes_the_augmentation():
+    ds = coco_subset(train=True, min_size=200, max_size=400, scales=[160, 200, 240], flip=0.5)
+    first = [ds[(3, seed)][0].shape for seed in range(8)]
+    assert first == [ds[(3, seed)][0].shape for seed in range(8)]
+    assert len(set(first)) > 1  # different seeds, different scales
+
+
+def write_coco(tmp_path, images, annotations, files=()):
+    os.makedirs(tmp_path / "imgs", exist_ok=True)
+    for name, content in files:
+        (tmp_path / "imgs" / name).write_bytes(content)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 3, "name": "thing"}]}))
+    return str(path), str(tmp_path / "imgs")
+
+
+def test_bad_annotation_files_give_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json: annotation file not found"):
+        D.CocoDetection(str(tmp_path / "nope.json"), str(tmp_path))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        D.CocoDetection(str(broken), str(tmp_path))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: not COCO instances format"):
+        D.CocoDetection(str(listed), str(tmp_path))
+    with pytest.raises(ValueError, match="ann.json: the dataset has no images"):
+        D.CocoDetection(*write_coco(tmp_path, [], []))
+
+
+def test_bad_boxes_are_counted_and_bad_images_skipped(tmp_path, tiny_shapes):
+    good = open(os.path.join(tiny_shapes, "val", "000000.jpg"), "rb").read()
+    images = [{"id": i, "file_name": n, "width": 96, "height": 96} for i, n in
+              ((1, "missing.jpg"), (2, "garbage.jpg"), (3, "good.jpg"))]
+    anns = [{"id": 1, "image_id": 3, "category_id": 3, "bbox": [10, 10, 0.5, 20], "iscrowd": 0},  # under 1 px
+            {"id": 2, "image_id": 3, "category_id": 3, "bbox": [80, 10, 40, 20], "iscrowd": 0},  # beyond the edge
+            {"id": 3, "image_id": 3, "category_id": 3, "bbox": [1, 1, 30, 30], "iscrowd": 1}]  # crowd
+    with pytest.warns(UserWarning, match="1 boxes clipped to their image, 1 under 1 px dropped"):
+        ds = D.CocoDetection(*write_coco(tmp_path, images, anns, [("garbage.jpg", b"not a jpeg"), ("good.jpg", good)]))
+    with pytest.warns(UserWarning) as record:
+        image, target = ds[0]  # missing, then garbage, then the good image
+    messages = [str(w.message) for w in record]
+    assert "missing.jpg: skipped" in messages[0] and "garbage.jpg: skipped" in messages[1]
+    assert target["image_id"] == 3 and image.shape == (3, 96, 96)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[80.0, 10.0, 96.0, 30.0]]))
+
+
+def test_collate_pads_to_a_multiple_with_the_fill_colour():
+    a, b = torch.full((3, 100, 130), 7, dtype=torch.uint8), torch.full((3, 129, 60), 9, dtype=torch.uint8)
+    images, targets = D.collate([(a, {"n": 0}), (b, {"n": 1})], size_divisible=128, fill=(1, 2, 3))
+    assert images.shape == (2, 3, 256, 256) and images.dtype == torch.uint8
+    assert images[0, :, :100, :130].eq(7).all()
+    assert images[0, :, 100:, :].eq(torch.tensor([1, 2, 3])[:, None, None]).all()
+    assert [t["n"] for t in targets] == [0, 1]
+
+
+def test_shapes_set_is_deterministic_and_mostly_background(tmp_path):
+    a = D.make_shapes(str(tmp_path / "a"), num_train=6, num_val=2, size=96, seed=5)
+    b = D.make_shapes(str(tmp_path / "b"), num_train=6, num_val=2, size=96, seed=5)
+    assert filecmp.cmp(D.coco_paths(a, "train")[0], D.coco_paths(b, "train")[0], shallow=False)
+    assert filecmp.cmp(os.path.join(a, "train", "000003.jpg"), os.path.join(b, "train", "000003.jpg"), shallow=False)
+    ds = D.CocoDetection(*D.coco_paths(a, "train"))
+    boxes = torch.cat([bx for bx, _ in ds.targets])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert len(ds.class_names) == 4 and len(boxes) >= 6
+    assert areas.sum() < 0.5 * 6 * 96 * 96  # far more background than object
+
+
+def test_coco_results_are_xywh_with_category_ids():
+    det = [{"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]]), "scores": torch.tensor([0.5]),
+            "labels": torch.tensor([1])}]
+    assert D.coco_results(det, [42], [3, 7]) == [{"image_id": 42, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0],
+                                                  "score": 0.5}]
+    assert D.coco_evaluate(None, [])["AP"] == 0.0

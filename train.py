@@ -1,0 +1,298 @@
+"""Train and evaluate RetinaNet (§4.1 "Optimization", §5), on one process or many with torchrun.
+
+    python train.py                                               # CPU quick start on the shapes set, prints AP
+    python train.py --data /path/to/coco                          # the paper's 1x recipe (§4.1), one process
+    torchrun --nproc_per_node=8 train.py --data /path/to/coco     # the same on 8 GPUs, 2 images each
+    torchrun --nproc_per_node=8 train.py --data /path/to/coco --arch resnet101 --schedule 1.5 --scales 640 800
+    python train.py --data /path/to/coco --eval-only --weights runs/retinanet/checkpoint.pt
+    python train.py --resume --out runs/quickstart                # continue an interrupted run exactly
+
+With --data the defaults are the paper's: ResNet-50 with ImageNet weights and frozen BN, SGD with
+momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
+500 warmup iterations, LR x0.1 at 60k and 80k of 90k iterations, 800-px images, flips. Without it
+they are the quick start's: the shapes set (generated if missing), ResNet-18 from scratch with
+trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images.
+"""
+import argparse
+import bisect
+import json
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+import model as M
+from loss import retinanet_loss
+
+PAPER = dict(arch="resnet50", norm="frozen", freeze_at=2, backbone_weights="imagenet", channels=256, head_norm=None,
+             anchor_sizes=[32, 64, 128, 256, 512], min_size=800, max_size=1333, batch_size=16, lr=0.01, iters=90000,
+             steps=[60000, 80000], warmup_iters=500, ckpt_every=2000, workers=4, train_split="train2017",
+             val_split="val2017", out="runs/retinanet", size_divisible=128)
+QUICKSTART = dict(arch="resnet18", norm="bn", freeze_at=0, backbone_weights="none", channels=64, head_norm="gn",
+                  anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=1000,
+                  steps=[750, 900], warmup_iters=100, ckpt_every=250, workers=1, train_split="train",
+                  val_split="val", out="runs/quickstart", size_divisible=32)  # 160 px: 32 saves 2.5x the pixels of 256
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", help="COCO-format root (annotations/instances_{split}.json, {split}/); none: the shapes quick start")
+    a("--train-ann"), a("--train-images"), a("--val-ann"), a("--val-images")  # custom layouts
+    for key, paper in PAPER.items():  # default: the paper's value with --data, the quick start's without
+        value = QUICKSTART[key] if paper is None else paper
+        kind = type(value[0]) if isinstance(value, list) else type(value)
+        a("--" + key.replace("_", "-"), type=kind, nargs="+" if isinstance(value, list) else None,
+          help=f"default: {paper} (--data), {QUICKSTART[key]} (quick start)")
+    a("--schedule", type=float, default=1.0, help="multiplies --iters, --steps (1x = 90k iterations)")
+    a("--scales", type=int, nargs="+", help="multi-scale training: shorter sides to pick from (e.g. 640 672 ... 800)")
+    a("--flip", type=float, default=0.5, help="probability of a horizontal flip in training")
+    a("--alpha", type=lambda s: None if s == "none" else float(s), default=0.25, help="alpha of FL, or 'none'")
+    a("--gamma", type=float, default=2.0, help="gamma of FL (0: alpha-balanced CE)")
+    a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
+    a("--box-loss", default="smooth_l1", choices=["smooth_l1", "l1", "giou"])
+    a("--momentum", type=float, default=0.9), a("--weight-decay", type=float, default=1e-4)
+    a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
+    a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
+    a("--device", help="cpu or cuda (default: cuda when available)")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=20)
+    a("--finetune", help="start from a checkpoint of this project, or 'torchvision' / 'torchvision-v2'")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    a("--eval-only", action="store_true", help="evaluate --weights on the val split")
+    a("--weights", help="checkpoint to evaluate with --eval-only")
+    a("--no-eval", action="store_true", help="skip the evaluation at the end")
+    return p
+
+
+def fill_defaults(args):
+    preset = PAPER if args.data else QUICKSTART
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.data = args.data or "data/shapes"
+    args.head_norm = None if args.head_norm == "none" else args.head_norm
+    args.iters, args.steps = round(args.iters * args.schedule), [round(s * args.schedule) for s in args.steps]
+    return args
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def datasets(args, train=True):
+    """The train (if train) and val datasets, by the standard layout or the --*-ann/--*-images flags."""
+    ann, images = D.coco_paths(args.data, args.val_split)
+    val = D.CocoDetection(args.val_ann or ann, args.val_images or images)
+    if not train:
+        return None, val
+    ann, images = D.coco_paths(args.data, args.train_split)
+    return D.CocoDetection(args.train_ann or ann, args.train_images or images, train=True, min_size=args.min_size,
+                           max_size=args.max_size, scales=args.scales, flip=args.flip, seed=args.seed), val
+
+
+def build_model(args, ds, device):
+    names, cat_ids = ds.class_names, tuple(ds.cat_ids)
+    if args.finetune:  # §3.3: a new class count gets a new, prior-initialised class output layer
+        model = M.load_torchvision(2 if args.finetune.endswith("v2") else 1) if args.finetune.startswith(
+            "torchvision") else M.load_checkpoint(args.finetune)
+        cfg = model.cfg
+        if cfg.num_classes != len(names):
+            model.cls_head.reset_output(len(names), args.prior)
+        cfg.num_classes, cfg.class_names, cfg.category_ids = len(names), names, cat_ids
+        cfg.min_size, cfg.max_size, cfg.alpha, cfg.gamma = args.min_size, args.max_size, args.alpha, args.gamma
+        return model.train().to(device)
+    cfg = M.ModelConfig(
+        num_classes=len(names), class_names=names, category_ids=cat_ids, arch=args.arch, norm=args.norm,
+        freeze_at=args.freeze_at, channels=args.channels, head_norm=args.head_norm,
+        prior=args.prior, anchor_sizes=tuple(args.anchor_sizes), alpha=args.alpha, gamma=args.gamma,
+        box_loss=args.box_loss, min_size=args.min_size, max_size=args.max_size, size_divisible=args.size_divisible)
+    weights = None if args.backbone_weights == "none" else args.backbone_weights
+    return M.RetinaNet(cfg, backbone_weights=weights).to(device)
+
+
+def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args):
+    """Everything a run needs to continue, written to a temporary name and renamed: never half-written."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "iteration": iteration, "config": model.cfg.to_dict(), "args": vars(args),
+             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+@torch.inference_mode()
+def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0):
+    """COCO AP of model on ds with pycocotools (the one evaluation function: analyze.py uses it too).
+    Each rank detects its share of the images; rank 0 gathers, scores, writes results.json and eval.json."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=list)
+    results = []
+    for batch in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
+        detections = M.detect(model, [image for image, _ in batch])
+        results += D.coco_results(detections, [t["image_id"] for _, t in batch], ds.cat_ids)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    if rank != 0:
+        return None
+    stats = D.coco_evaluate(ds.coco, results, image_ids=ds.ids)
+    if out_dir:
+        for name, obj in (("results.json", results), ("eval.json", stats)):
+            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                json.dump(obj, f)
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    return stats
+
+
+def plot_losses(run_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "cls", "box"):
+        ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set(xlabel="iteration", ylabel="loss", yscale="log", title=os.path.basename(os.path.abspath(run_dir)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "loss.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    args = fill_defaults(args)
+    # DDP, detected from torchrun's environment (nanoGPT style): NCCL on GPUs, gloo on CPUs.
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    amp = args.amp and device.type == "cuda"
+    if args.amp and not amp:
+        print0("--amp needs CUDA: training in float32")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.data == "data/shapes" and not os.path.exists(D.coco_paths(args.data, "val")[0]) and rank == 0:
+        print0("writing the shapes set to data/shapes (once) ...")
+        D.make_shapes(args.data)
+    if ddp:
+        dist.barrier()
+
+    if args.eval_only:
+        if not args.weights:
+            raise ValueError("--eval-only needs --weights CHECKPOINT")
+        model = M.load_checkpoint(args.weights, device)
+        stats = evaluate(model, datasets(args, train=False)[1], rank=rank, world=world, out_dir=args.out)
+        print0(json.dumps(stats))
+        return {"model": model, "stats": stats}
+
+    train_ds, val_ds = datasets(args)
+    model = build_model(args, train_ds, device).to(memory_format=torch.channels_last)  # ~7% faster convs on CPU
+    cfg = model.cfg
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = args.lr * args.batch_size / 16  # §4.1: 0.01 for 16 images, linear scaling rule
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    def lr_factor(it):  # linear warmup from warmup_factor, then x0.1 at each step (§4.1)
+        warm = args.warmup_factor + (1 - args.warmup_factor) * it / args.warmup_iters if it < args.warmup_iters else 1
+        return warm * 0.1 ** bisect.bisect_right(args.steps, it)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    ckpt_path, start = os.path.join(args.out, "checkpoint.pt"), 0
+    if args.resume:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["iteration"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print0(f"resumed from {ckpt_path} at iteration {start}")
+    train_model = torch.nn.parallel.DistributedDataParallel(model, [device] if cuda else None) if ddp else model
+    fill = tuple(round(255 * m) for m in cfg.pixel_mean)
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=D.BatchStream(len(train_ds), args.batch_size, args.seed, start, args.iters, rank,
+                                              world),
+        collate_fn=partial(D.collate, size_divisible=cfg.size_divisible, fill=fill), num_workers=args.workers,
+        pin_memory=cuda)
+
+    def all_reduce_mean(x):  # the loss normaliser: mean foreground count over ranks (one process: as is)
+        if ddp:
+            dist.all_reduce(x)
+            x = x / world
+        return x
+
+    anchor_cache, last_good, t0 = {}, None, time.time()
+    bar = tqdm(total=args.iters, initial=start, disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    for it, (images, targets) in zip(range(start, args.iters), loader):
+        x = M.normalize(images.to(device, non_blocking=True), cfg).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            cls_logits, box_deltas = train_model(x)
+        if x.shape[-2:] not in anchor_cache:
+            anchor_cache[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
+        losses = retinanet_loss(
+            cls_logits, box_deltas, anchor_cache[x.shape[-2:]], [t["boxes"].to(device) for t in targets],
+            [t["labels"].to(device) for t in targets], alpha=cfg.alpha, gamma=cfg.gamma, box_loss_type=cfg.box_loss,
+            beta=cfg.smooth_l1_beta, fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, low_quality=cfg.low_quality_matches,
+            reduce_num_fg=all_reduce_mean)
+        loss = losses["cls"] + losses["box"]
+        logged = all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach())
+        if not torch.isfinite(logged).all():  # every rank sees the same reduced value and stops together
+            where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
+            raise FloatingPointError(f"iteration {it}: loss is {logged[0].item()}; stopped. Last good checkpoint: "
+                                     f"{where}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        done = it + 1
+        if rank == 0 and (done % args.log_every == 0 or done == args.iters):
+            speed = (done - start) * args.batch_size / (time.time() - t0)
+            row = {"iter": done, "loss": logged[0].item(), "cls": logged[1].item(), "box": logged[2].item(),
+                   "lr": scheduler.get_last_lr()[0], "img_per_s": round(speed, 2)}
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.4f}", img_s=f"{speed:.1f}")
+        bar.update(1)
+        if done % args.ckpt_every == 0 or done == args.iters:
+            if rank == 0:
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, args)
+            last_good = done
+    bar.close()
+    if rank == 0 and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        plot_losses(args.out)
+    print0(f"trained {args.iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}")
+    stats = None
+    if not args.no_eval:
+        stats = evaluate(model, val_ds, rank=rank, world=world, out_dir=args.out, workers=min(args.workers, 2))
+        if stats:
+            print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
+    if ddp:
+        dist.destroy_process_group()
+    return {"model": model, "stats": stats}
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
