@@ -256,7 +256,7 @@ def make_shapes(out, num_train=4000, num_val=300, size=160, max_objects=6, seed=
         images, annotations = [], []
         for i in range(count):
             image, boxes, labels = _shapes_image(rng, size, max_objects)
-            name = f"{i:06d}.jpg"
+            name = f"{i + 1:06d}.jpg"  # named by id, as COCO does
             image.save(os.path.join(out, split, name), quality=92)
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
             for (x1, y1, x2, y2), lab in zip(boxes, labels):

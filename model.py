@@ -183,18 +183,29 @@ def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, origina
 
 @torch.inference_mode()
 def detect(model, images, score_thresh=None):
-    """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    was_training = model.training
+    """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates.
+
+    Each image is padded on its own and batched only with images of the same padded size: no pixel
+    is spent on another image's padding, and an image's detections never depend on its companions.
+    """
+    cfg, device, was_training = model.cfg, next(model.parameters()).device, model.training
     model.eval()
-    batch, sizes = preprocess([img.to(device) for img in images], cfg)
-    cls_logits, box_deltas = model(batch)
+    singles = [preprocess([img.to(device)], cfg) for img in images]  # [((1, 3, H, W), [(h, w)])]
+    groups = {}
+    for i, (x, _) in enumerate(singles):
+        groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+    results = [None] * len(images)
+    for shape, members in groups.items():
+        cls_logits, box_deltas = model(torch.cat([singles[i][0] for i in members]))
+        anchors, per_level = make_anchors(cfg, shape, device)
+        detections = postprocess(cls_logits, box_deltas, anchors, per_level, [singles[i][1][0] for i in members],
+                                 [images[i].shape[-2:] for i in members],
+                                 cfg.score_thresh if score_thresh is None else score_thresh, cfg.topk_candidates,
+                                 cfg.nms_thresh, cfg.max_detections)
+        for i, det in zip(members, detections):
+            results[i] = det
     model.train(was_training)
-    anchors, per_level = make_anchors(cfg, batch.shape[-2:], device)
-    return postprocess(cls_logits, box_deltas, anchors, per_level, sizes, [img.shape[-2:] for img in images],
-                       cfg.score_thresh if score_thresh is None else score_thresh, cfg.topk_candidates,
-                       cfg.nms_thresh, cfg.max_detections)
+    return results
 
 
 # torchvision key -> ours. Old torchvision files (the v1 COCO weights) name the FPN convs without

@@ -1,11 +1,14 @@
 """Shared fixtures: the real COCO photos in ../shared/data, and a tiny shapes set made once per run."""
+import json
 import os
 
 import pytest
 
 import data as D
+import train
 
-SHARED = os.environ.get("RETINANET_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("RETINANET_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
 
 def shared_path(*parts):
@@ -23,3 +26,29 @@ def shared_path(*parts):
 def tiny_shapes(tmp_path_factory):
     """8 train and 4 val shapes images of 96 px."""
     return D.make_shapes(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=4, size=96, seed=1)
+
+
+def tiny_flags(shapes, out, iters=4, **extra):
+    flags = {"data": shapes, "out": out, "arch": "resnet18", "norm": "bn", "freeze-at": "0", "backbone-weights": "none",
+             "channels": "64", "head-norm": "gn", "min-size": "96", "max-size": "96", "size-divisible": "32",
+             "anchor-sizes": "16 32 64 128 256", "batch-size": "2", "workers": "0", "log-every": "1", "lr": "0.08",
+             "iters": str(iters), "steps": f"{iters * 10} {iters * 20}", "warmup-iters": "2", "ckpt-every": "1000",
+             "train-split": "train", "val-split": "val", **extra}
+    return [w for k, v in flags.items() for w in ([f"--{k}"] + v.split() if v is not True else [f"--{k}"])]
+
+
+def run(shapes, out, iters=4, **extra):
+    return train.main(train.get_args_parser().parse_args(tiny_flags(shapes, out, iters, **extra)))
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_shapes, tmp_path_factory):
+    """A checkpoint of the tiny shapes config after 40 iterations: it finds some shapes."""
+    out = str(tmp_path_factory.mktemp("tiny_run"))
+    run(tiny_shapes, out, iters=40, **{"no-eval": True, "flip": "0", "lr": "0.05", "warmup-iters": "10"})
+    return os.path.join(out, "checkpoint.pt")

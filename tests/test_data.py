@@ -84,7 +84,7 @@ def test_bad_annotation_files_give_one_line_errors(tmp_path):
 
 
 def test_bad_boxes_are_counted_and_bad_images_skipped(tmp_path, tiny_shapes):
-    good = open(os.path.join(tiny_shapes, "val", "000000.jpg"), "rb").read()
+    good = open(os.path.join(tiny_shapes, "val", "000001.jpg"), "rb").read()
     images = [{"id": i, "file_name": n, "width": 96, "height": 96} for i, n in
               ((1, "missing.jpg"), (2, "garbage.jpg"), (3, "good.jpg"))]
     anns = [{"id": 1, "image_id": 3, "category_id": 3, "bbox": [10, 10, 0.5, 20], "iscrowd": 0},  # under 1 px

@@ -71,13 +71,13 @@ def test_postprocess_equals_torchvision_given_its_anchors():
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_detect_equals_torchvision_end_to_end(version):
-    # 200x300 and 300x200 resize to 256x384 and 384x256: one 384x384 batch for both pipelines
+    # 200x300 resizes to 256x384, a multiple of 128: one 256x384 batch in both pipelines
     tv, ours = torchvision_and_ours(version, min_size=256, max_size=512)
     nn.init.normal_(tv.head.classification_head.cls_logits.weight, std=0.02)  # give random weights detections
     nn.init.constant_(tv.head.classification_head.cls_logits.bias, -3.0)
     ours = M.from_torchvision(tv.state_dict(), version=version)
     ours.cfg.min_size, ours.cfg.max_size = 256, 512
-    images = [torch.rand(3, 200, 300), torch.rand(3, 300, 200)]
+    images = [torch.rand(3, 200, 300), torch.rand(3, 200, 300)]
     with torch.no_grad():
         expected = tv(images)
     got = M.detect(ours, images)
@@ -97,9 +97,10 @@ def small_model(**kw):
 
 def test_detect_one_image_equals_same_image_in_a_batch():
     model = small_model()
-    img, other = torch.rand(3, 90, 120), torch.rand(3, 120, 90)  # both pad to 128 x 128 after resizing
+    img = torch.rand(3, 90, 120)
+    others = [torch.rand(3, 120, 90), torch.rand(3, 300, 90), torch.rand(3, 90, 120)]  # same and other sizes
     alone = M.detect(model, [img])[0]
-    batched = M.detect(model, [other, img])[1]
+    batched = M.detect(model, [others[0], img, others[1], others[2]])[1]
     assert len(alone["boxes"]) > 0
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(batched[key], alone[key], rtol=1e-4, atol=1e-4)

@@ -8,33 +8,12 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, read_metrics, run, tiny_flags
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 import data as D
 import model as M
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_flags(shapes, out, iters=4, **extra):
-    flags = {"data": shapes, "out": out, "arch": "resnet18", "norm": "bn", "freeze-at": "0", "backbone-weights": "none",
-             "channels": "32", "head-norm": "gn", "min-size": "96", "max-size": "96", "size-divisible": "32",
-             "anchor-sizes": "16 32 64 128 256", "batch-size": "2", "workers": "0", "log-every": "1", "lr": "0.08",
-             "iters": str(iters), "steps": f"{iters * 10} {iters * 20}", "warmup-iters": "2", "ckpt-every": "1000",
-             "train-split": "train", "val-split": "val", **extra}
-    return [w for k, v in flags.items() for w in ([f"--{k}"] + v.split() if v is not True else [f"--{k}"])]
-
-
-def run(shapes, out, iters=4, **extra):
-    return train.main(train.get_args_parser().parse_args(tiny_flags(shapes, out, iters, **extra)))
-
-
-def read_metrics(out):
-    import json
-
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_one_step_changes_the_weights_and_gives_finite_losses(tiny_shapes, tmp_path):
