@@ -64,7 +64,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, ann_file, img_dir, train=False, min_size=800, max_size=1333, scales=None, flip=0.5, seed=0):
-        self.coco, self.img_dir, self.seed = load_coco(ann_file), img_dir, seed
+        self.coco, self.ann_file, self.img_dir, self.seed = load_coco(ann_file), ann_file, img_dir, seed
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
         self.class_names = tuple(self.coco.cats[c]["name"] for c in self.cat_ids)

@@ -92,34 +92,54 @@ def check_targets(boxes, labels, valid, num_classes):
             raise ValueError(f"image {n}, box {j} {what}: {shown}")
 
 
+def assign_targets(anchors, gt_boxes, gt_labels, num_classes, fg_iou=0.5, bg_iou=0.4, low_quality=True):
+    """What training asks of every anchor (§4 "Training"), for a batch; analyze.py uses it too.
+
+    Returns matched (N, R) (box index, BACKGROUND or IGNORE), the padded boxes (N, M, 4), one-hot
+    class targets (N, R, K) (all zeros for background) and keep (N, R), False in the ignore band.
+    """
+    N = len(gt_boxes)
+    if len(gt_labels) != N:
+        raise ValueError(f"got {N} box sets and {len(gt_labels)} label sets")
+    boxes, labels, valid = A.pad_targets(gt_boxes, gt_labels)  # (N, M, 4), (N, M), (N, M)
+    check_targets(boxes, labels, valid, num_classes)
+    matched = A.match(anchors, boxes, valid, fg_iou, bg_iou, low_quality)  # (N, R)
+    fg_labels = torch.where(matched >= 0, labels.gather(1, matched.clamp(min=0)), num_classes)  # K: background
+    targets = F.one_hot(fg_labels, num_classes + 1)[..., :num_classes]  # (N, R, K+1) -> (N, R, K)
+    return matched, boxes, targets, matched != A.IGNORE
+
+
 def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, *, alpha=0.25, gamma=2.0,
                    box_loss_type="smooth_l1", beta=0.11, fg_iou=0.5, bg_iou=0.4, low_quality=True,
-                   reduce_num_fg=None):
+                   ohem_ratio=0, reduce_num_fg=None):
     """Classification and box losses of a batch, each divided by max(1, foreground anchors).
 
     cls_logits (N, R, K) and box_deltas (N, R, 4) as the model returns them; anchors (R, 4);
     gt_boxes / gt_labels: per-image lists of (M_i, 4) xyxy boxes and (M_i,) labels in [0, K).
-    An image with no boxes contributes only background loss. reduce_num_fg, if given, maps the
-    local foreground count to the one to divide by (train.py all-reduces it across GPUs).
+    An image with no boxes contributes only background loss. ohem_ratio > 0 replaces "all anchors"
+    by online hard example mining (Table 1d). reduce_num_fg, if given, maps the local foreground
+    count to the one to divide by (train.py all-reduces it across GPUs).
     Both losses are computed in float32, also under autocast.
     """
     N, _, K = cls_logits.shape
-    if len(gt_boxes) != N or len(gt_labels) != N:
-        raise ValueError(f"got targets for {len(gt_boxes)} images and {len(gt_labels)} label sets for {N} images")
-    boxes, labels, valid = A.pad_targets(gt_boxes, gt_labels)  # (N, M, 4), (N, M), (N, M)
-    check_targets(boxes, labels, valid, K)
-    matched = A.match(anchors, boxes, valid, fg_iou, bg_iou, low_quality)  # (N, R)
+    if len(gt_boxes) != N:
+        raise ValueError(f"got targets for {len(gt_boxes)} images for a batch of {N}")
+    matched, boxes, targets, keep = assign_targets(anchors, gt_boxes, gt_labels, K, fg_iou, bg_iou, low_quality)
     fg = matched >= 0
     num_fg = fg.sum().float()
     if reduce_num_fg is not None:
         num_fg = reduce_num_fg(num_fg)
     normalizer = num_fg.clamp(min=1.0)
 
-    # Classification: one-hot targets for foreground anchors, all zeros for background (§3.2).
-    fg_labels = torch.where(fg, labels.gather(1, matched.clamp(min=0)), K)  # (N, R); K = background
-    targets = F.one_hot(fg_labels, K + 1)[..., :K]  # (N, R, K+1) -> (N, R, K)
-    keep = (matched != A.IGNORE).unsqueeze(-1)  # (N, R, 1): no loss in the ignore band
-    cls = (focal_loss(cls_logits.float(), targets, alpha, gamma, reduction="none") * keep).sum()
+    # Classification: FL summed over every anchor outside the ignore band, ~100k an image (§3.2).
+    cls = focal_loss(cls_logits.float(), targets, alpha, gamma, reduction="none")  # (N, R, K)
+    if ohem_ratio:  # OHEM baseline (§5.1, Table 1d): all positives and the hardest negatives, 1:ohem_ratio
+        hardness = cls.detach().sum(-1).masked_fill(fg | ~keep, -1.0).flatten()  # (N*R,), negatives only
+        num_neg = min(int(ohem_ratio * max(1, int(fg.sum()))), int((hardness >= 0).sum()))
+        keep = fg.flatten().clone()
+        keep[hardness.topk(num_neg).indices] = True
+        keep = keep.view(N, -1)
+    cls = (cls * keep.unsqueeze(-1)).sum()  # (N, R, 1) mask: no loss in the ignore band
 
     # Box regression on foreground anchors only.
     n_idx, r_idx = fg.nonzero(as_tuple=True)  # F foreground anchors over the batch

@@ -56,6 +56,7 @@ class ModelConfig:
     gamma: float = 2.0
     box_loss: str = "smooth_l1"  # paper (beta 0.11); "l1" torchvision v1 / detectron2; "giou" torchvision v2
     smooth_l1_beta: float = 0.11
+    ohem_ratio: float = 0.0  # > 0: OHEM instead of FL over all anchors (the Table 1d baseline)
     # input (torchvision's ImageNet normalisation, RGB in [0, 1]; Detectron used BGR Caffe2 weights)
     min_size: int = 800
     max_size: int = 1333
@@ -71,6 +72,12 @@ class ModelConfig:
     @property
     def num_anchors(self):
         return len(self.anchor_scales) * len(self.anchor_ratios)
+
+    def loss_args(self):
+        """The keyword arguments of loss.retinanet_loss that this config sets."""
+        return dict(alpha=self.alpha, gamma=self.gamma, box_loss_type=self.box_loss, beta=self.smooth_l1_beta,
+                    fg_iou=self.fg_iou, bg_iou=self.bg_iou, low_quality=self.low_quality_matches,
+                    ohem_ratio=self.ohem_ratio)
 
     def to_dict(self):
         return asdict(self)
@@ -258,7 +265,10 @@ def from_torchvision(state_dict, version=1, class_names=()):
 
 
 def load_checkpoint(path, device="cpu"):
-    """The model of a checkpoint written by train.py (its ModelConfig rebuilds it), in eval mode."""
+    """The model of a checkpoint written by train.py (its ModelConfig rebuilds it), in eval mode;
+    path 'torchvision' or 'torchvision-v2' gives torchvision's COCO model (load_torchvision)."""
+    if path in ("torchvision", "torchvision-v2"):
+        return load_torchvision(2 if path.endswith("v2") else 1).to(device)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:

@@ -55,6 +55,7 @@ def get_args_parser():
     a("--gamma", type=float, default=2.0, help="gamma of FL (0: alpha-balanced CE)")
     a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
     a("--box-loss", default="smooth_l1", choices=["smooth_l1", "l1", "giou"])
+    a("--ohem", type=float, default=0, help="OHEM negatives:positives ratio instead of FL over all (Table 1d)")
     a("--momentum", type=float, default=0.9), a("--weight-decay", type=float, default=1e-4)
     a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
     a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
@@ -99,18 +100,18 @@ def datasets(args, train=True):
 def build_model(args, ds, device):
     names, cat_ids = ds.class_names, tuple(ds.cat_ids)
     if args.finetune:  # §3.3: a new class count gets a new, prior-initialised class output layer
-        model = M.load_torchvision(2 if args.finetune.endswith("v2") else 1) if args.finetune.startswith(
-            "torchvision") else M.load_checkpoint(args.finetune)
+        model = M.load_checkpoint(args.finetune)  # the architecture is the checkpoint's, the recipe this run's
         cfg = model.cfg
         if cfg.num_classes != len(names):
             model.cls_head.reset_output(len(names), args.prior)
         cfg.num_classes, cfg.class_names, cfg.category_ids = len(names), names, cat_ids
-        cfg.min_size, cfg.max_size, cfg.alpha, cfg.gamma = args.min_size, args.max_size, args.alpha, args.gamma
+        cfg.min_size, cfg.max_size, cfg.alpha, cfg.gamma, cfg.ohem_ratio = (args.min_size, args.max_size, args.alpha,
+                                                                            args.gamma, args.ohem)
         return model.train().to(device)
     cfg = M.ModelConfig(
         num_classes=len(names), class_names=names, category_ids=cat_ids, arch=args.arch, norm=args.norm,
-        freeze_at=args.freeze_at, channels=args.channels, head_norm=args.head_norm,
-        prior=args.prior, anchor_sizes=tuple(args.anchor_sizes), alpha=args.alpha, gamma=args.gamma,
+        freeze_at=args.freeze_at, channels=args.channels, head_norm=args.head_norm, prior=args.prior,
+        anchor_sizes=tuple(args.anchor_sizes), alpha=args.alpha, gamma=args.gamma, ohem_ratio=args.ohem,
         box_loss=args.box_loss, min_size=args.min_size, max_size=args.max_size, size_divisible=args.size_divisible)
     weights = None if args.backbone_weights == "none" else args.backbone_weights
     return M.RetinaNet(cfg, backbone_weights=weights).to(device)
@@ -248,11 +249,9 @@ def main(args):
             cls_logits, box_deltas = train_model(x)
         if x.shape[-2:] not in anchor_cache:
             anchor_cache[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
-        losses = retinanet_loss(
-            cls_logits, box_deltas, anchor_cache[x.shape[-2:]], [t["boxes"].to(device) for t in targets],
-            [t["labels"].to(device) for t in targets], alpha=cfg.alpha, gamma=cfg.gamma, box_loss_type=cfg.box_loss,
-            beta=cfg.smooth_l1_beta, fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, low_quality=cfg.low_quality_matches,
-            reduce_num_fg=all_reduce_mean)
+        losses = retinanet_loss(cls_logits, box_deltas, anchor_cache[x.shape[-2:]],
+                                [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets],
+                                reduce_num_fg=all_reduce_mean, **cfg.loss_args())
         loss = losses["cls"] + losses["box"]
         logged = all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach())
         if not torch.isfinite(logged).all():  # every rank sees the same reduced value and stops together

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
-from conftest import shared_path
 
 import data as D
+from conftest import shared_path
 
 
 def coco_subset(**kw):

@@ -8,7 +8,6 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_path
 from PIL import Image
 from pycocotools.coco import COCO
 from torchvision.models.detection import retinanet_resnet50_fpn
@@ -17,6 +16,7 @@ import data as D
 import infer
 import model as M
 import train
+from conftest import ROOT, shared_path
 
 
 def args(*words):

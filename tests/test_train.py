@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run, tiny_flags
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 import data as D
 import model as M
 import train
+from conftest import ROOT, read_metrics, run, tiny_flags
 
 
 def test_one_step_changes_the_weights_and_gives_finite_losses(tiny_shapes, tmp_path):

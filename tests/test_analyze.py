@@ -1,0 +1,144 @@
+"""analyze.py: Fig. 1 against Eq. 5, Fig. 4's CDFs against training's loss, the cache, anchor coverage by hand."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analyze
+import data as D
+import model as M
+from conftest import shared_path
+from loss import retinanet_loss
+
+
+def args(*words):
+    return analyze.get_args_parser().parse_args([str(w) for w in words])
+
+
+def test_curves_match_eq5_at_sample_points(tmp_path):
+    analyze.main(args("curves", "--out", tmp_path))
+    table = json.load(open(tmp_path / "curves.json"))
+    p_t = np.array(table["p_t"])
+    for i in (0, 249, 499, 899, 998):
+        for gamma in analyze.GAMMAS:
+            expected = -((1 - p_t[i]) ** gamma) * math.log(p_t[i])  # Eq. 5 with alpha_t = 1
+            assert table[f"gamma={gamma:g}"][i] == pytest.approx(expected, rel=1e-5)
+    assert os.path.getsize(tmp_path / "curves.png") > 10_000
+
+
+def test_negative_gamma_is_refused():
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        analyze.main(args("curves", "--gammas", "2", "-1"))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_checkpoint, tiny_shapes):
+    model = M.load_checkpoint(tiny_checkpoint)
+    ds = analyze.dataset(tiny_shapes, "val", model.cfg, train_like=True)
+    return model, ds, analyze.collect_logits(model, ds, batch_size=2, progress=lambda it, total: it)
+
+
+def test_cdfs_are_monotone_and_end_at_one(run):
+    _, _, logits = run
+    for kind in ("pos", "neg"):
+        for gamma in analyze.GAMMAS:
+            x, y, shares = analyze.cdf(logits[kind], gamma)
+            assert y[0] == 0 and y[-1] == pytest.approx(1.0) and (np.diff(y) >= -1e-12).all()
+            assert 0 <= shares["hardest 1%"] <= shares["hardest 20%"] <= 1
+
+
+def test_gamma_zero_losses_are_the_cross_entropy_training_computes(run):
+    """Sum of CE over the collected samples == retinanet_loss(gamma=0, alpha=None)'s classification
+    sum over the same images: the same anchors, assigned the same way."""
+    model, ds, logits = run
+    cfg = model.cfg
+    ours = analyze.focal_values(logits["pos"], 0).sum() + analyze.focal_values(logits["neg"], 0).sum()
+    expected, num_fg = 0.0, []
+    for start in range(0, len(ds), 2):
+        images, targets = D.collate([ds[i] for i in range(start, min(start + 2, len(ds)))], cfg.size_divisible)
+        with torch.no_grad():
+            cls_logits, box_deltas = model(M.normalize(images, cfg))
+        anchors, _ = M.make_anchors(cfg, images.shape[-2:])
+        losses = retinanet_loss(cls_logits, box_deltas, anchors, [t["boxes"] for t in targets],
+                                [t["labels"] for t in targets], alpha=None, gamma=0.0,
+                                reduce_num_fg=lambda n: num_fg.append(n) or n)
+        expected += losses["cls"].item() * max(1.0, num_fg[-1].item())
+    assert ours == pytest.approx(expected, rel=1e-4)
+    assert len(logits["neg"]) > 100 * len(logits["pos"])  # far more background than objects
+
+
+def test_hardest_shares_of_a_hand_made_set():
+    ce = np.array([1.0] * 98 + [10.0, 30.0])  # CE of 100 negatives; the hardest one carries 30 / 138
+    z = -np.log(np.expm1(ce))  # softplus(-z) = CE
+    z = -np.sort(-z)  # easy first, as collect_logits sorts
+    _, y, shares = analyze.cdf(z, gamma=0.0)
+    assert shares["hardest 1%"] == pytest.approx(30 / 138, rel=1e-5)
+    assert shares["hardest 20%"] == pytest.approx((18 + 40) / 138, rel=1e-5)
+
+
+def test_cache_reproduces_the_model_run(run, tmp_path, monkeypatch):
+    model, ds, logits = run
+    cache = str(tmp_path / "cache.npz")
+    fresh = analyze.load_or_collect(model, ds, cache, "key-1", batch_size=2, progress=lambda it, total: it)
+    monkeypatch.setattr(analyze, "collect_logits", lambda *a, **kw: pytest.fail("the model ran again"))
+    cached = analyze.load_or_collect(model, ds, cache, "key-1")
+    for kind in ("pos", "neg"):
+        assert np.array_equal(cached[kind], fresh[kind]) and np.array_equal(cached[kind], logits[kind])
+    with pytest.raises(pytest.fail.Exception):  # another checkpoint or dataset: a new model run
+        analyze.load_or_collect(model, ds, cache, "key-2")
+
+
+def test_anchor_coverage_of_hand_made_boxes(tmp_path):
+    cfg = M.ModelConfig(anchor_scales=(1.0,), anchor_ratios=(1.0,), min_size=256, max_size=256)  # squares
+    boxes = [[0, 0, 32, 32],  # exactly the 32-px anchor at (16, 16): IoU 1
+             [200, 200, 210, 210],  # inside 3 x 3 anchors of 32 px: IoU 100 / 1024, all nine claimed
+             [94, 80, 114, 128]]  # 20 x 48 around the anchor at (104, 104): 640 / 1344, the ignore band
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (256, 256)).save(tmp_path / "imgs" / "a.jpg")
+    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 256, "height": 256}],
+           "categories": [{"id": 1, "name": "thing"}],
+           "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1]} for i, (x1, y1, x2, y2) in enumerate(boxes)]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    ds = D.CocoDetection(str(tmp_path / "ann.json"), str(tmp_path / "imgs"), train=True, min_size=256,
+                         max_size=256, flip=0.0)
+    rows = analyze.anchor_coverage(cfg, ds)
+    assert [r["best_iou"] for r in rows] == pytest.approx([1.0, 100 / 1024, 640 / 1344], rel=1e-5)
+    assert [r["level"] for r in rows] == [3, 3, 3] and rows[1]["positives"] == 9
+    assert rows[0]["positives"] >= 1 and rows[2]["positives"] >= 1  # the low-quality match claims it
+
+
+def test_anchors_command_on_real_coco_photos(tmp_path):
+    summary = analyze.main(args("anchors", "--data", shared_path("coco_val2017_subset"), "--split", "val2017",
+                                "--out", tmp_path))
+    assert summary["boxes"] == 253 and 0.5 < summary["best IoU >= 0.5"] < 1
+    assert summary["best IoU >= 0.4"] >= summary["best IoU >= 0.5"]
+
+
+def test_checkpoint_classes_must_match_the_dataset(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="80 classes .* but the checkpoint has 4"):
+        analyze.main(args("cdf", "--weights", tiny_checkpoint, "--data", shared_path("coco_val2017_subset"),
+                          "--split", "val2017", "--out", tmp_path))
+
+
+def test_empty_dataset_is_an_error(run):
+    model, ds, _ = run
+    with pytest.raises(ValueError, match="no images"):
+        analyze.collect_logits(model, ds, max_images=0)
+
+
+def test_eval_and_a_small_ablation(tiny_shapes, tiny_checkpoint, tmp_path):
+    stats = analyze.main(args("eval", "--weights", tiny_checkpoint, "--data", tiny_shapes, "--out", tmp_path))
+    assert json.load(open(tmp_path / "eval.json")) == stats
+    flags = ("--arch resnet18 --norm bn --freeze-at 0 --backbone-weights none --channels 64 --head-norm gn "
+             "--min-size 96 --max-size 96 --size-divisible 32 --anchor-sizes 16 32 64 128 256 --batch-size 2 "
+             "--workers 0 --train-split train --val-split val --warmup-iters 1")
+    rows = analyze.main(args("ablate", "--iters", 2, "--variants", "b", "f", "--data", tiny_shapes,
+                             "--out", tmp_path, f"--train-args={flags}"))
+    assert set(rows) == {"b", "f"} and all("AP" in r for r in rows.values())
+    table = json.load(open(tmp_path / "ablate.json"))["markdown"]
+    assert "OHEM 1:3" in table and "CE, prior" in table
