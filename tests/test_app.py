@@ -1,0 +1,179 @@
+"""app.py: the real server on a free localhost port, every endpoint through gradio_client, and a real
+headless Chromium (Debian's, driven by Playwright) clicking through the tabs."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analyze
+import anchors as A
+import model as M
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tiny_shapes, tmp_path_factory):
+    # the README's screenshots come from the quick start's checkpoint, shapes set and analyze.py outputs
+    weights = os.environ.get("RETINANET_APP_WEIGHTS", tiny_checkpoint)
+    data = os.environ.get("RETINANET_APP_DATA", tiny_shapes)
+    out, port = os.environ.get("RETINANET_APP_OUT", str(tmp_path_factory.mktemp("app"))), free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--weights", weights, "--data", data,
+                             "--out", out, "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    started = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() - started > 120:
+                proc.kill()
+                pytest.fail(f"app.py did not start: {proc.stdout.read()[-2000:]}")
+            time.sleep(0.5)
+    yield {"url": url, "weights": weights, "data": data, "out": out, "startup_s": time.time() - started}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server["url"], verbose=False)
+
+
+def test_server_binds_to_localhost_only_and_starts_in_seconds(server):
+    assert server["startup_s"] < 60
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # sends nothing: finds the outward address
+            probe.connect(("192.0.2.1", 9))
+            other = probe.getsockname()[0]
+    except OSError:
+        other = "127.0.0.1"
+    if other.startswith("127."):
+        pytest.skip("this machine has no address besides loopback")
+    with socket.socket() as s:  # nothing listens on the machine's other addresses
+        s.settimeout(2)
+        assert s.connect_ex((other, int(server["url"].rsplit(":", 1)[1].strip("/")))) != 0
+
+
+def test_detect_endpoint_returns_the_detections_of_model_detect(client, server):
+    from gradio_client import handle_file
+
+    path = os.path.join(server["data"], "val", "000001.jpg")
+    _, table, timing = client.predict(handle_file(path), 0.1, api_name="/detect")
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    expected = M.detect(M.load_checkpoint(server["weights"]), [image], score_thresh=0.1)[0]
+    rows = table["data"]
+    assert len(rows) == len(expected["scores"]) and "ms" in timing
+    np.testing.assert_allclose([r[1] for r in rows], expected["scores"].numpy(), atol=1e-3)
+    np.testing.assert_allclose([r[2:] for r in rows], expected["boxes"].numpy(), atol=0.1)
+
+
+def test_bad_upload_gives_a_message_not_a_traceback(client, tmp_path):
+    from gradio_client import handle_file
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    with pytest.raises(Exception, match="cannot identify image file .*notes.jpg"):  # Gradio's check, PIL's words
+        client.predict(handle_file(str(bad)), 0.5, api_name="/detect")
+    cut = tmp_path / "cut.jpg"  # opens, then fails to decode: our message
+    cut.write_bytes(open(os.path.join(os.path.dirname(__file__), "..", "docs", "infer_shapes.png"), "rb").read()[:3000])
+    with pytest.raises(Exception, match="cut.jpg: not an image this app can read"):
+        client.predict(handle_file(str(cut)), 0.5, api_name="/detect")
+
+
+def test_anchors_endpoint_counts_equal_the_matcher(client, server):
+    levels = ["P3", "P4", "P5", "P6", "P7"]
+    _, counts = client.predict(2, None, "", 0.6, 0.3, levels, api_name="/anchors")
+    cfg = M.load_checkpoint(server["weights"]).cfg
+    ds = analyze.dataset(server["data"], None, cfg, train_like=True)
+    image, target = ds[2]
+    d = cfg.size_divisible
+    anchors, _ = M.make_anchors(cfg, [-(-s // d) * d for s in image.shape[1:]])
+    boxes = target["boxes"]
+    matched = A.match(anchors, boxes[None], torch.ones(1, len(boxes), dtype=torch.bool), 0.6, 0.3)[0]
+    assert counts["positive"] == int((matched >= 0).sum()) > 0
+    assert counts["ignored"] == int((matched == A.IGNORE).sum())
+    assert counts["negative"] == int((matched == A.BACKGROUND).sum())
+
+
+def test_anchors_endpoint_on_an_upload_with_typed_boxes(client, server):
+    from gradio_client import handle_file
+
+    path = os.path.join(server["data"], "val", "000001.jpg")
+    _, counts = client.predict(0, handle_file(path), "10 10 50 40\n20, 30, 60, 90", 0.5, 0.4, ["P3"],
+                               api_name="/anchors")
+    assert counts["boxes"] == 2 and counts["positive"] >= 2
+
+
+def test_focal_endpoint_cdf_numbers_equal_analyze(client, server):
+    _, _, shares, _ = client.predict(2.0, 0.25, api_name="/focal")
+    model = M.load_checkpoint(server["weights"])
+    ds = analyze.dataset(server["data"], None, model.cfg, train_like=True)
+    logits = analyze.collect_logits(model, ds, progress=lambda it, total: it)
+    for g in (0.0, 2.0):
+        for kind in ("pos", "neg"):
+            expected = analyze.cdf(logits[kind], g)[2]
+            assert shares[f"{kind} gamma={g:g}"] == pytest.approx(expected, rel=1e-5)
+    assert os.path.exists(os.path.join(server["out"], "cdf_cache.npz"))  # later gammas only re-plot
+
+
+def test_browser_clicks_through_every_tab_and_the_gamma_slider_changes_the_plot(server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} not found: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    shots = os.environ.get("RETINANET_SCREENSHOTS", str(tmp_path))  # README screenshots: RETINANET_SCREENSHOTS=docs
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server["url"])
+        page.get_by_role("tab", name="Detect").wait_for()
+        page.locator(".gallery-item, button.gallery-item, [data-testid='examples'] button").first.click()
+        page.get_by_text("detections; the model took").wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=os.path.join(shots, "app_detect.jpg"), type="jpeg", quality=70)
+
+        page.get_by_role("tab", name="Anchors").click()
+        page.get_by_text('"positive"').wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=os.path.join(shots, "app_anchors.jpg"), type="jpeg", quality=70)
+
+        page.get_by_role("tab", name="Focal loss").click()
+        cdf_plot = page.locator("#cdfs img[src^='data:image']")  # matplotlib, rendered as an image
+        cdf_plot.wait_for(timeout=120_000)
+        before = cdf_plot.get_attribute("src")
+        gamma = page.get_by_label("number input for gamma")  # the box beside the slider
+        gamma.fill("0.5")
+        gamma.press("Enter")
+        deadline = time.time() + 60
+        while time.time() < deadline and cdf_plot.get_attribute("src") == before:
+            time.sleep(0.2)
+        assert cdf_plot.get_attribute("src") != before
+        page.wait_for_timeout(2000)  # let the other outputs settle before the screenshot
+        page.screenshot(path=os.path.join(shots, "app_focal.jpg"), type="jpeg", quality=70, full_page=True)
+        browser.close()
+    for name in ("app_detect", "app_anchors", "app_focal"):
+        assert os.path.getsize(os.path.join(shots, name + ".jpg")) > 10_000
