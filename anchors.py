@@ -79,39 +79,53 @@ def pad_targets(boxes, labels):
     return out_boxes, out_labels, valid
 
 
+def pairwise_iou(a, b):
+    """IoU of broadcastable (..., 4) xyxy boxes a and b, elementwise: the one formula every IoU here
+    uses, in torchvision's order of operations (so the results are bitwise equal to its box_iou)."""
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_(min=0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_(min=0)
+    inter = iw.mul_(ih)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter.div_(area_a + area_b - inter)
+
+
 def box_iou(boxes, anchors):
     """IoU of every box with every anchor: (..., M, 4) x (R, 4) -> (..., M, R)."""
-    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    lt = torch.maximum(boxes[..., None, :2], anchors[:, :2])  # (..., M, R, 2)
-    rb = torch.minimum(boxes[..., None, 2:], anchors[:, 2:])
-    wh = (rb - lt).clamp_(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_b[..., None] + area_a - inter)
+    return pairwise_iou(boxes[..., :, None, :], anchors)
 
 
 def match(anchors, gt_boxes, gt_valid, fg_iou=0.5, bg_iou=0.4, low_quality=True):
-    """Assign every anchor of every image to a ground-truth box, in one pass over the batch.
+    """Assign every anchor of every image to a ground-truth box, vectorised over the batch.
 
     anchors (R, 4); gt_boxes (N, M, 4) padded; gt_valid (N, M) bool marks the real boxes.
     Returns (N, R) int64: the index of the assigned box (>= 0), BACKGROUND (-1) or IGNORE (-2).
     """
-    N, M = gt_valid.shape
-    matched = torch.full((N, anchors.shape[0]), BACKGROUND, dtype=torch.long, device=anchors.device)
+    (N, M), R = gt_valid.shape, anchors.shape[0]
+    matched = torch.full((N, R), BACKGROUND, dtype=torch.long, device=anchors.device)
     if M == 0:
         return matched
-    iou = box_iou(gt_boxes, anchors)  # (N, M, R)
-    iou.masked_fill_(~gt_valid[..., None], -1.0)  # padding never wins
-    best_iou, best_gt = iou.max(dim=1)  # (N, R): best box for each anchor
+    best_iou = torch.empty(N, R, device=anchors.device)
+    best_gt = torch.empty(N, R, dtype=torch.long, device=anchors.device)
+    per_gt_best = torch.full((N, M), -1.0, device=anchors.device)
+    chunk = max(256, (1 << 18) // (N * M))  # anchors a pass: the (N, M, chunk) IoUs stay in cache (~3x faster)
+    for s in range(0, R, chunk):
+        iou = box_iou(gt_boxes, anchors[s:s + chunk])  # (N, M, chunk)
+        iou.masked_fill_(~gt_valid[..., None], -1.0)  # padding never wins
+        torch.max(iou, dim=1, out=(best_iou[:, s:s + chunk], best_gt[:, s:s + chunk]))  # best box of each anchor
+        per_gt_best = torch.maximum(per_gt_best, iou.amax(dim=2))  # best anchor IoU of each box
     matched = torch.where(best_iou >= fg_iou, best_gt, matched)  # §4: IoU >= 0.5 is foreground
     matched = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, matched)  # [0.4, 0.5) ignored
     if low_quality:
         # Each box also claims the anchors it overlaps most (ties included), as detectron2 and
         # torchvision do, so no box is left without a positive. A box whose best IoU is 0 claims
-        # nothing (torchvision would hand it every anchor that overlaps nothing).
-        per_gt_best = iou.max(dim=2, keepdim=True).values  # (N, M, 1)
-        claimed = ((iou == per_gt_best) & (per_gt_best > 0)).any(dim=1)  # (N, R)
-        matched = torch.where(claimed, best_gt, matched)
+        # nothing (torchvision would hand it every anchor that overlaps nothing). Only anchors whose
+        # own best IoU reaches some box's best can be claimed: the IoUs of those few are recomputed.
+        lowest = per_gt_best.masked_fill(~gt_valid | (per_gt_best <= 0), 2.0).amin(dim=1, keepdim=True)  # (N, 1)
+        n_idx, r_idx = (best_iou >= lowest).nonzero(as_tuple=True)
+        iou = pairwise_iou(gt_boxes[n_idx], anchors[r_idx, None])  # (candidates, M)
+        claimed = ((iou == per_gt_best[n_idx]) & (per_gt_best[n_idx] > 0) & gt_valid[n_idx]).any(dim=1)
+        matched[n_idx[claimed], r_idx[claimed]] = best_gt[n_idx[claimed], r_idx[claimed]]
     return matched
 
 

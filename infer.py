@@ -37,7 +37,7 @@ def load_model(weights=DEFAULT_WEIGHTS, device="cpu"):
     if weights == DEFAULT_WEIGHTS and not os.path.exists(weights):
         raise FileNotFoundError(f"{weights}: no checkpoint yet; make one with `python train.py` (about 12 minutes "
                                 f"on a CPU), or pass --weights PATH or --weights torchvision")
-    return M.load_checkpoint(weights, device)
+    return M.load_checkpoint(weights, device).for_inference()
 
 
 def load_image(path, limit=None):

@@ -11,7 +11,7 @@ Shape legend: N images, R anchors, K classes, M boxes, A anchors per location (9
 """
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 import anchors as A
-from backbone import Backbone, download_state_dict
+from backbone import Backbone, download_state_dict, fold_batch_norm
 from fpn import FPN
 from heads import Head
 
@@ -79,11 +79,9 @@ class ModelConfig:
                     fg_iou=self.fg_iou, bg_iou=self.bg_iou, low_quality=self.low_quality_matches,
                     ohem_ratio=self.ohem_ratio)
 
-    def to_dict(self):
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d):
+        """The inverse of dataclasses.asdict, which checkpoints store."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -103,8 +101,16 @@ class RetinaNet(nn.Module):
     def forward(self, images):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected a (N, 3, H, W) batch, got shape {tuple(images.shape)}")
+        if self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            images = images.contiguous(memory_format=torch.channels_last)  # the layout of the weights
         features = self.fpn(self.backbone(images))  # [P3 ... P7]
         return self.cls_head(features), self.box_head(features)
+
+    def for_inference(self):
+        """Batch norm folded into the convs and channels-last weights: ~20% faster on a CPU, the same
+        detections up to rounding. For detection only: train the model as it was."""
+        fold_batch_norm(self.backbone)
+        return self.to(memory_format=torch.channels_last).eval()
 
 
 def preprocess(images, cfg, resize=True):
@@ -126,10 +132,8 @@ def preprocess(images, cfg, resize=True):
             img = F.interpolate(img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                                 align_corners=False)[0]
         out.append(img)
-    sizes = [tuple(img.shape[-2:]) for img in out]
-    d = cfg.size_divisible
-    H = math.ceil(max(h for h, _ in sizes) / d) * d
-    W = math.ceil(max(w for _, w in sizes) / d) * d
+    sizes, d = [tuple(img.shape[-2:]) for img in out], cfg.size_divisible
+    H, W = (math.ceil(max(size[k] for size in sizes) / d) * d for k in (0, 1))
     batch = out[0].new_zeros(len(out), 3, H, W)
     for b, img in zip(batch, out):
         b[:, : img.shape[1], : img.shape[2]].copy_(img)
@@ -139,8 +143,7 @@ def preprocess(images, cfg, resize=True):
 def normalize(images, cfg):
     """uint8 (0-255) or float (0-1) images (..., 3, H, W) -> float, normalised with cfg's mean and std."""
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    mean = torch.tensor(cfg.pixel_mean, device=images.device)[:, None, None]
-    std = torch.tensor(cfg.pixel_std, device=images.device)[:, None, None]
+    mean, std = (torch.tensor(v, device=images.device)[:, None, None] for v in (cfg.pixel_mean, cfg.pixel_std))
     return (images - mean) / std
 
 
@@ -239,7 +242,7 @@ def torchvision_config(version=1, num_classes=91, class_names=()):
         num_classes=num_classes, class_names=tuple(class_names), arch="resnet50", norm="frozen", round_anchors=True,
         # v1: P6 from P5 and its COCO weights were trained with batch-norm eps 0 (torchvision's overwrite_eps)
         p6_from="p5" if version == 1 else "c5", frozen_bn_eps=0.0 if version == 1 else 1e-5,
-        head_norm=None if version == 1 else "gn", box_loss="l1" if version == 1 else "giou",
+        head_norm=None if version == 1 else "gn", box_loss="l1" if version == 1 else "giou", size_divisible=32,
     )
 
 
@@ -258,8 +261,7 @@ def from_torchvision(state_dict, version=1, class_names=()):
     ours = {torchvision_key(k): v for k, v in state_dict.items() if torchvision_key(k)}
     if "cls_head.out.weight" not in ours:
         raise ValueError("not a torchvision RetinaNet state dict (no head.classification_head.cls_logits)")
-    num_classes = ours["cls_head.out.weight"].shape[0] // 9
-    model = RetinaNet(torchvision_config(version, num_classes, class_names))
+    model = RetinaNet(torchvision_config(version, ours["cls_head.out.weight"].shape[0] // 9, class_names))
     model.load_state_dict(ours, strict=True)
     return model
 
@@ -291,8 +293,8 @@ def load_torchvision(version=1):
     from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights
 
     weights = (RetinaNet_ResNet50_FPN_Weights if version == 1 else RetinaNet_ResNet50_FPN_V2_Weights).COCO_V1
-    state = download_state_dict(weights.url, "use a checkpoint of this project (--weights PATH)")
     names = weights.meta["categories"]
-    model = from_torchvision(state, version, class_names=names)
+    model = from_torchvision(download_state_dict(weights.url, "use a checkpoint of this project (--weights PATH)"),
+                             version, class_names=names)
     model.cfg.category_ids = tuple(range(len(names)))  # torchvision's label is the COCO category id
     return model.eval()

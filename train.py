@@ -18,6 +18,7 @@ import bisect
 import json
 import os
 import time
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -120,7 +121,7 @@ def build_model(args, ds, device):
 def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args):
     """Everything a run needs to continue, written to a temporary name and renamed: never half-written."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "iteration": iteration, "config": model.cfg.to_dict(), "args": vars(args),
+             "scaler": scaler.state_dict(), "iteration": iteration, "config": asdict(model.cfg), "args": vars(args),
              "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)

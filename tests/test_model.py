@@ -1,9 +1,12 @@
 """model.py: parity with torchvision's RetinaNet v1 and v2 on the same weights, inference, bad input."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
 
 import model as M
 
@@ -128,7 +131,7 @@ def test_forward_shapes_are_the_same_in_train_and_eval():
 
 def test_config_round_trips_through_a_dict():
     cfg = M.torchvision_config(2, class_names=("a", "b"))
-    assert M.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert M.ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg
 
 
 @pytest.mark.parametrize("image,message", [
@@ -149,3 +152,24 @@ def test_bad_batch_and_bad_state_dict_raise_value_error():
         M.from_torchvision({"fc.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="version must be 1 or 2"):
         M.torchvision_config(3)
+
+
+def test_for_inference_folds_frozen_bn_into_the_convs_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = M.RetinaNet(M.ModelConfig(num_classes=3, arch="resnet18", norm="frozen", freeze_at=3, channels=64))
+    model.backbone.layer4[0].bn1 = nn.BatchNorm2d(512)  # a trainable one too, in eval mode
+    model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):  # the statistics a trained network has
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        expected = model(x)
+        fast = model.for_inference()
+        got = fast(x)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in fast.modules())
+    assert fast.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
