@@ -56,13 +56,20 @@ class Explorer:
 
     def anchors(self, index, path, boxes_text, fg_iou, bg_iou, levels):
         """Anchors that training assigns to each box, drawn: green positive, orange ignored."""
-        if path:  # an upload, with boxes typed as "x1 y1 x2 y2" lines
-            image = load(path, self.cfg.max_size)[0]
+        if path:  # an upload, with boxes typed as "x1 y1 x2 y2" lines in its pixels
+            image, scale = load(path, self.cfg.max_size)
             try:
                 boxes = torch.tensor([[float(v) for v in line.replace(",", " ").split()] for line in
-                                      boxes_text.strip().splitlines() if line.strip()]).reshape(-1, 4)
+                                      boxes_text.strip().splitlines() if line.strip()]).reshape(-1, 4) / scale
             except (ValueError, RuntimeError):
                 raise gr.Error("boxes: one 'x1 y1 x2 y2' per line") from None
+            if not (boxes[:, 2:] > boxes[:, :2]).all():
+                raise gr.Error("boxes: each needs x2 > x1 and y2 > y1")
+            h, w = image.shape[1:]  # to the training scale, as the dataset images are
+            r = min(self.cfg.min_size / min(h, w), self.cfg.max_size / max(h, w))
+            image = torch.nn.functional.interpolate(image[None].float(), scale_factor=r, mode="bilinear",
+                                                    recompute_scale_factor=True)[0].round().to(torch.uint8)
+            boxes = boxes * torch.tensor([image.shape[2] / w, image.shape[1] / h] * 2)
         else:
             image, target = self.ds[int(index)]
             boxes = target["boxes"]

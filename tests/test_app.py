@@ -98,6 +98,10 @@ def test_bad_upload_gives_a_message_not_a_traceback(client, tmp_path):
     cut.write_bytes(open(os.path.join(os.path.dirname(__file__), "..", "docs", "infer_shapes.png"), "rb").read()[:3000])
     with pytest.raises(Exception, match="cut.jpg: not an image this app can read"):
         client.predict(handle_file(str(cut)), 0.5, api_name="/detect")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (7000, 6000)).save(huge)  # 42 megapixels, a small file
+    with pytest.raises(Exception, match="huge.png: 7000x6000 is too large"):
+        client.predict(handle_file(str(huge)), 0.5, api_name="/detect")
 
 
 def test_anchors_endpoint_counts_equal_the_matcher(client, server):
