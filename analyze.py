@@ -77,8 +77,7 @@ def save(fig, out, name, numbers):
 
 
 def dataset(data, split, cfg=None, train_like=False, check_classes=True):
-    """A split of a COCO-format root, checked against cfg's classes; train_like: resized as training
-    resizes (cfg's test scale), never flipped."""
+    """A split of a COCO-format root, checked against cfg's classes; train_like: resized as training does, unflipped."""
     split = split or ("val" if os.path.exists(D.coco_paths(data, "val")[0]) else "val2017")  # shapes, or COCO
     kw = dict(train=True, min_size=cfg.min_size, max_size=cfg.max_size, flip=0.0) if train_like else {}
     ds = D.CocoDetection(*D.coco_paths(data, split), **kw)
@@ -222,9 +221,8 @@ def anchor_coverage(cfg, ds, max_images=None):
                           cfg.fg_iou, cfg.bg_iou, cfg.low_quality_matches)[0]
         level = np.searchsorted(np.cumsum(per_level), iou.argmax(1).numpy(), side="right")
         for j, box in enumerate(boxes):
-            rows.append({"size": float(((box[2] - box[0]) * (box[3] - box[1])).sqrt()),
-                         "best_iou": float(iou[j].max()), "level": int(level[j]) + 3,
-                         "positives": int((matched == j).sum())})
+            rows.append({"size": float(((box[2] - box[0]) * (box[3] - box[1])).sqrt()), "best_iou": float(iou[j].max()),
+                         "level": int(level[j]) + 3, "positives": int((matched == j).sum())})
     if not rows:
         raise ValueError("the dataset has no boxes")
     return rows
@@ -269,8 +267,7 @@ def cmd_eval(args):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["curves", "cdf", "ablate", "anchors", "eval"])
-    p.add_argument("--weights", help=f"checkpoint (cdf, eval: default {infer.DEFAULT_WEIGHTS}; anchors: its config "
-                                      f"instead of the paper's)")
+    p.add_argument("--weights", help=f"checkpoint (default {infer.DEFAULT_WEIGHTS}); anchors: its config")
     p.add_argument("--data", help="COCO-format root (default: data/shapes; ablate: the quick start's)")
     p.add_argument("--split", help="split of --data (default: val, else val2017)")
     p.add_argument("--out", default="runs/analyze")
@@ -290,12 +287,10 @@ def get_args_parser():
 def main(args):
     if any(g < 0 for g in args.gammas):
         raise ValueError(f"gamma must be >= 0, got {min(args.gammas)}")
-    if args.command in ("cdf", "anchors", "eval") and not args.data:
-        args.data = "data/shapes"
-    if args.command in ("cdf", "eval") and not args.weights:
-        args.weights = infer.DEFAULT_WEIGHTS
-    return {"curves": cmd_curves, "cdf": cmd_cdf, "ablate": cmd_ablate, "anchors": cmd_anchors,
-            "eval": cmd_eval}[args.command](args)
+    args.data = args.data or ("data/shapes" if args.command in ("cdf", "anchors", "eval") else None)
+    args.weights = args.weights or (infer.DEFAULT_WEIGHTS if args.command in ("cdf", "eval") else None)
+    commands = dict(curves=cmd_curves, cdf=cmd_cdf, ablate=cmd_ablate, anchors=cmd_anchors, eval=cmd_eval)
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

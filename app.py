@@ -27,7 +27,6 @@ import infer
 import model as M
 
 MAX_PIXELS = 40_000_000  # larger uploads get a message, not a long wait
-LEVELS = ["P3", "P4", "P5", "P6", "P7"]
 
 
 class Explorer:
@@ -160,7 +159,7 @@ def build(ex, examples):
                     index = gr.Slider(0, len(ex.ds) - 1, value=0, step=1, label="dataset image")
                     fg = gr.Slider(0.05, 0.95, value=ex.cfg.fg_iou, step=0.05, label="foreground: IoU >=")
                     bg = gr.Slider(0.0, 0.95, value=ex.cfg.bg_iou, step=0.05, label="background: IoU <")
-                    levels = gr.CheckboxGroup(LEVELS, value=LEVELS, label="show anchors of")
+                    levels = gr.CheckboxGroup(list(analyze.LEVELS), value=list(analyze.LEVELS), label="show anchors of")
                     upload = gr.Image(type="filepath", label="or your own image", sources=["upload"])
                     boxes = gr.Textbox(label="its boxes, one 'x1 y1 x2 y2' a line", lines=3)
                 with gr.Column():
