@@ -193,7 +193,7 @@ def peak_memory(which, size):
     tv, ours = make_pair((size, size), torch.device("cpu"))
     images = [torch.rand(3, size, size) for _ in range(2)]
     targets = random_targets(2, (size, size), torch.Generator().manual_seed(1))
-    step = train_steps(tv, ours.to(memory_format=torch.channels_last), images, targets)[which == "ours"]
+    step = train_steps(tv, ours, images, targets)[which == "ours"]
     step()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so that the step must ask for its own
     with open("/proc/self/clear_refs", "w") as f:
@@ -218,7 +218,6 @@ def main(args):
 
     s = p["train_size"]
     tv, ours = make_pair((s, s), device)
-    ours = ours.to(memory_format=torch.channels_last)  # as train.py trains it
     images = [torch.rand(3, s, s, generator=g).to(device) for _ in range(2)]
     targets = [{k: v.to(device) for k, v in t.items()} for t in random_targets(2, (s, s), g)]
     check = check_train_losses(tv, ours, images, targets)
