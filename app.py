@@ -65,9 +65,7 @@ class Explorer:
             if not (boxes[:, 2:] > boxes[:, :2]).all():
                 raise gr.Error("boxes: each needs x2 > x1 and y2 > y1")
             h, w = image.shape[1:]  # to the training scale, as the dataset images are
-            r = min(self.cfg.min_size / min(h, w), self.cfg.max_size / max(h, w))
-            image = torch.nn.functional.interpolate(image[None].float(), scale_factor=r, mode="bilinear",
-                                                    recompute_scale_factor=True)[0].round().to(torch.uint8)
+            image = M.resize_image(image.float(), self.cfg).round().to(torch.uint8)
             boxes = boxes * torch.tensor([image.shape[2] / w, image.shape[1] / h] * 2)
         else:
             image, target = self.ds[int(index)]

@@ -3,7 +3,7 @@ and its inference (§4 "Inference").
 
 `RetinaNet(cfg).forward(images)` maps a normalised, padded batch (N, 3, H, W) to raw outputs
 (cls_logits (N, R, K), box_deltas (N, R, 4)), the same in train and eval mode. Everything else is a
-plain function beside it: `preprocess` (resize, normalise, pad), `make_anchors`, `postprocess`
+plain function beside it: `preprocess` (resize_image, normalise, pad), `make_anchors`, `postprocess`
 (threshold, top-k, decode, NMS), `detect` (all of it for a list of images), `from_torchvision`.
 Losses live in loss.py.
 
@@ -107,8 +107,7 @@ class RetinaNet(nn.Module):
         return self.cls_head(features), self.box_head(features)
 
     def for_inference(self):
-        """Batch norm folded into the convs and channels-last weights: ~20% faster on a CPU, the same
-        detections up to rounding. For detection only: train the model as it was."""
+        """Batch norm folded into the convs, channels-last weights: ~20% faster on a CPU; for detection only."""
         fold_batch_norm(self.backbone)
         return self.to(memory_format=torch.channels_last).eval()
 
@@ -126,18 +125,19 @@ def preprocess(images, cfg, resize=True):
             shape = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
             raise ValueError(f"image {i}: expected a (3, H, W) tensor, got {shape}")
         img = normalize(img, cfg)
-        if resize:
-            h, w = img.shape[-2:]
-            scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
-            img = F.interpolate(img[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                                align_corners=False)[0]
-        out.append(img)
+        out.append(resize_image(img, cfg) if resize else img)
     sizes, d = [tuple(img.shape[-2:]) for img in out], cfg.size_divisible
     H, W = (math.ceil(max(size[k] for size in sizes) / d) * d for k in (0, 1))
     batch = out[0].new_zeros(len(out), 3, H, W)
     for b, img in zip(batch, out):
         b[:, : img.shape[1], : img.shape[2]].copy_(img)
     return batch, sizes
+
+
+def resize_image(image, cfg):
+    """(3, H, W) float -> shorter side cfg.min_size, longer at most cfg.max_size, as torchvision resizes."""
+    scale = min(cfg.min_size / min(image.shape[-2:]), cfg.max_size / max(image.shape[-2:]))
+    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True)[0]
 
 
 def normalize(images, cfg):
@@ -258,7 +258,7 @@ def torchvision_key(key):
 def from_torchvision(state_dict, version=1, class_names=()):
     """A RetinaNet holding the weights of torchvision's retinanet_resnet50_fpn (version=1, 36.4 COCO AP)
     or retinanet_resnet50_fpn_v2 (version=2, 41.5 AP), given their state dict."""
-    ours = {torchvision_key(k): v for k, v in state_dict.items() if torchvision_key(k)}
+    ours = {new: v for k, v in state_dict.items() if (new := torchvision_key(k))}
     if "cls_head.out.weight" not in ours:
         raise ValueError("not a torchvision RetinaNet state dict (no head.classification_head.cls_logits)")
     model = RetinaNet(torchvision_config(version, ours["cls_head.out.weight"].shape[0] // 9, class_names))
