@@ -24,6 +24,12 @@ SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # §4: three scales per octave
 RATIOS = (0.5, 1.0, 2.0)  # §4: aspect ratios (height / width) 1:2, 1:1, 2:1
 
 
+def elements_per_pass(device):
+    """How many elements one vectorised pass of match() or the focal loss should touch: a CPU is ~3-4x
+    faster when a pass's temporaries stay in cache; a GPU pays kernel launches for each pass instead."""
+    return 1 << 18 if device.type == "cpu" else 1 << 24
+
+
 def cell_anchors(size, scales=SCALES, ratios=RATIOS, round_=False):
     """The A = len(ratios) * len(scales) anchors of one level, centred on (0, 0), as (A, 4) xyxy.
 
@@ -108,7 +114,7 @@ def match(anchors, gt_boxes, gt_valid, fg_iou=0.5, bg_iou=0.4, low_quality=True)
     best_iou = torch.empty(N, R, device=anchors.device)
     best_gt = torch.empty(N, R, dtype=torch.long, device=anchors.device)
     per_gt_best = torch.full((N, M), -1.0, device=anchors.device)
-    chunk = max(256, (1 << 18) // (N * M))  # anchors a pass: the (N, M, chunk) IoUs stay in cache (~3x faster)
+    chunk = max(256, elements_per_pass(anchors.device) // (N * M))  # anchors a pass, (N, M, chunk) IoUs
     for s in range(0, R, chunk):
         iou = box_iou(gt_boxes, anchors[s:s + chunk])  # (N, M, chunk)
         iou.masked_fill_(~gt_valid[..., None], -1.0)  # padding never wins

@@ -17,8 +17,6 @@ from torchvision.ops import generalized_box_iou_loss
 
 import anchors as A
 
-CHUNK = 1 << 18  # elements a pass: one chunk's temporaries stay in cache (4x faster than whole tensors)
-
 
 def _focal_chunk(x, t, alpha, gamma, loss, grad):
     """FL of one flat chunk into loss, and its closed-form gradient into grad (if not None).
@@ -48,9 +46,10 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         x, t = logits.contiguous().view(-1), targets.contiguous().view(-1)
         loss = torch.empty_like(x)
         grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        for s in range(0, x.numel(), CHUNK):
-            _focal_chunk(x[s:s + CHUNK], t[s:s + CHUNK], alpha, gamma, loss[s:s + CHUNK],
-                         None if grad is None else grad[s:s + CHUNK])
+        chunk = A.elements_per_pass(x.device)  # cache-sized on a CPU (4x faster than whole tensors)
+        for s in range(0, x.numel(), chunk):
+            _focal_chunk(x[s:s + chunk], t[s:s + chunk], alpha, gamma, loss[s:s + chunk],
+                         None if grad is None else grad[s:s + chunk])
         loss = loss.view_as(logits)
         if ignore is not None:
             loss[ignore] = 0.0

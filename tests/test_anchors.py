@@ -130,6 +130,18 @@ def test_matcher_equals_torchvision_and_batch_equals_each_image():
     assert (batch[1] == A.BACKGROUND).all()
 
 
+def test_match_is_the_same_in_cpu_and_gpu_sized_passes(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    anchors = A.generate_anchors((256, 320))
+    gts = [random_boxes(n, size=250, generator=g) for n in (7, 3)]
+    boxes, _, valid = A.pad_targets(gts, [torch.zeros(len(b), dtype=torch.long) for b in gts])
+    results = []
+    for elements in (1 << 10, 1 << 18, 1 << 24):  # 256 anchors a pass, cache-sized (CPU), all at once (GPU)
+        monkeypatch.setattr(A, "elements_per_pass", lambda device, e=elements: e)
+        results.append(A.match(anchors, boxes, valid))
+    assert all(torch.equal(results[0], r) for r in results[1:]) and (results[0] >= 0).any()
+
+
 def test_pad_targets():
     boxes, labels, valid = A.pad_targets([torch.ones(2, 4), torch.ones(0, 4)], [torch.tensor([3, 4]), torch.zeros(0)])
     assert boxes.shape == (2, 2, 4) and labels.tolist() == [[3, 4], [-1, -1]]

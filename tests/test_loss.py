@@ -193,6 +193,37 @@ def test_reduce_num_fg_sets_the_normaliser():
     torch.testing.assert_close(halved["cls"] * 2, plain["cls"])
 
 
+def test_focal_loss_is_the_same_in_cpu_and_gpu_sized_passes(monkeypatch):
+    logits, targets = sample(n=1 << 16)  # (65536, 8): 2 cache-sized passes, 1 GPU-sized one
+    results = []
+    for elements in (1 << 18, 1 << 24):
+        monkeypatch.setattr(A, "elements_per_pass", lambda device, e=elements: e)
+        x = logits.clone().requires_grad_()
+        focal_loss(x, targets).backward()
+        results.append((focal_loss(x.detach(), targets, reduction="none"), x.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_outputs_give_the_float32_losses_and_half_gradients(dtype):
+    """Under AMP the heads hand the loss 16-bit tensors (train.py --amp); both losses must be the float32
+    losses of the same values, and the gradients reach the heads in their own dtype."""
+    cls_logits, deltas, anchors, boxes, labels = random_batch()
+    cls_half, deltas_half = cls_logits.to(dtype).requires_grad_(), deltas.to(dtype).requires_grad_()
+    half = retinanet_loss(cls_half, deltas_half, anchors, boxes, labels)
+    cls_full, deltas_full = cls_half.detach().float().requires_grad_(), deltas_half.detach().float().requires_grad_()
+    full = retinanet_loss(cls_full, deltas_full, anchors, boxes, labels)
+    for key in ("cls", "box"):
+        assert half[key].dtype == torch.float32
+        torch.testing.assert_close(half[key], full[key], rtol=1e-6, atol=0)
+    (half["cls"] + half["box"]).backward()
+    (full["cls"] + full["box"]).backward()
+    for got, expected in ((cls_half.grad, cls_full.grad), (deltas_half.grad, deltas_full.grad)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected.to(dtype))  # the float32 gradient, rounded once
+
+
 @pytest.mark.parametrize("box,label,message", [
     ([50.0, 10.0, 40.0, 30.0], 1, "image 1, box 0 has x2 < x1"),
     ([10.0, 30.0, 40.0, 20.0], 1, "image 1, box 0 has y2 < y1"),
