@@ -235,11 +235,18 @@ def main(args):
     check = check_train_losses(tv, ours, images, targets)
     row(f"training step: ResNet-50, 2 x {s}x{s}, 80 classes", race(*train_steps(tv, ours, images, targets),
                                                                   p["repeats"], p["warmup"], device), check, 0.6)
-    if device.type == "cuda":  # with this training pair, before the inference pair replaces it
+    if device.type == "cuda":
         row(f"training step with AMP, 2 x {s}x{s}", race(*train_steps(tv, ours, images, targets, amp=True),
                                                          p["repeats"], p["warmup"], device),
             check_train_losses(tv, ours, images, targets, amp=True), 0.6)
-        peaks = [cuda_peak_memory(step) for step in train_steps(tv, ours, images, targets)]
+    if device.type == "cuda":  # the memory row, measured now on this training pair, is printed last
+        peaks, how = [cuda_peak_memory(step) for step in train_steps(tv, ours, images, targets)], "CUDA allocated"
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--size", str(s), "--peak-memory"]
+        peaks = [statistics.median(float(subprocess.run(cmd + [which], capture_output=True, text=True,
+                                                        check=True).stdout) for _ in range(p["memory_runs"]))
+                 for which in ("torchvision", "ours")]
+        how = f"resident set, median of {p['memory_runs']} fresh processes"
     h, w = p["infer_size"]
     tv, ours = make_pair((h, w), device)
     ours = ours.for_inference()  # as infer.py and app.py run it: frozen BN folded, channels-last
@@ -259,13 +266,6 @@ def main(args):
     row(f"anchor matching: {p['match_images']} images x 50 boxes, {p['match_size'][0]}x{p['match_size'][1]} anchors",
         race(tv_m, our_m, p["repeats"] * 3, p["warmup"] + 1, device),
         (equal, "the same assignments" if equal else "assignments differ"), 0.5)
-    if device.type != "cuda":
-        cmd = [sys.executable, os.path.abspath(__file__), "--size", str(s), "--peak-memory"]
-        peaks = [statistics.median(float(subprocess.run(cmd + [which], capture_output=True, text=True,
-                                                        check=True).stdout) for _ in range(p["memory_runs"]))
-                 for which in ("torchvision", "ours")]
-    how = ("CUDA allocated, the step's rise" if device.type == "cuda" else
-           f"resident set, median of {p['memory_runs']} fresh processes")
     row(f"peak memory of the training step, 2 x {s}x{s}", peaks, (True, how), 0.8, "MiB")
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
