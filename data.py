@@ -1,14 +1,12 @@
 """Data: COCO-format detection datasets through pycocotools, a synthetic shapes set, COCO evaluation.
 
 The paper trains on COCO trainval35k and reports COCO AP on minival / test-dev (§5). Any dataset in
-COCO format works: an instances_*.json and a folder of images. The synthetic "shapes" set is
-written in the same format, so the quick start exercises exactly the code COCO uses.
+COCO format works: an instances_*.json and a folder of images; shapes.py writes synthetic sets in
+that format, so the quick start exercises exactly the code COCO uses.
 
-    python data.py shapes --out data/shapes          # writes the shapes set (seconds)
-
-This file knows no model: it yields uint8 images and per-image targets, and scores COCO results.
+This file knows no model: it yields uint8 images and per-image targets, batches them (BatchStream,
+collate), and scores COCO results.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -16,10 +14,9 @@ import math
 import os
 import warnings
 
-import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
@@ -97,6 +94,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def aspect_groups(self):
+        """0 for each landscape or square image, 1 for each portrait one (from the annotations, no decoding)."""
+        return [int(self.coco.imgs[i]["height"] > self.coco.imgs[i]["width"]) for i in self.ids]
+
     def __getitem__(self, key):
         """key: an index, or (index, sample_seed): the seed fixes that sample's augmentation, so a
         run gives the same batches with any number of workers, ranks, or after --resume."""
@@ -127,38 +128,53 @@ class CocoDetection(torch.utils.data.Dataset):
         }
 
 
-def collate(batch, size_divisible=128, fill=(0, 0, 0)):
+def collate(batch, size_divisible=32, fill=(0, 0, 0)):
     """Pad a list of (image, target) to one uint8 batch (N, 3, H, W), H and W multiples of
-    size_divisible, filled with `fill` (the mean colour, which normalises to ~0). Targets stay a list."""
+    size_divisible, filled with `fill` (the mean colour, which normalises to ~0). Targets stay a
+    list; each gets "size", its image's (h, w) in the batch."""
     images, targets = zip(*batch)
     H = math.ceil(max(im.shape[1] for im in images) / size_divisible) * size_divisible
     W = math.ceil(max(im.shape[2] for im in images) / size_divisible) * size_divisible
     out = torch.tensor(fill, dtype=torch.uint8)[None, :, None, None].repeat(len(images), 1, H, W)
     for o, im in zip(out, images):
         o[:, : im.shape[1], : im.shape[2]] = im
-    return out, list(targets)
+    return out, [{**t, "size": tuple(im.shape[1:])} for t, im in zip(targets, images)]
 
 
 class BatchStream(torch.utils.data.Sampler):
-    """Batches of one endless shuffled stream (a new permutation each epoch). Global batch i is
-    positions [i*B, (i+1)*B); rank r takes its slice. Each sample carries its position, which seeds
-    its augmentation: N ranks see exactly the batches of one process, and --resume picks up mid-epoch."""
+    """Batches of one endless shuffled stream (a new permutation each epoch), rank r taking its
+    slice of each global batch. Each sample carries its stream position, which seeds its
+    augmentation, so N ranks see exactly the batches of one process, with any number of workers,
+    and --resume picks up mid-epoch.
 
-    def __init__(self, n, batch_size, seed, start_iter, iters, rank=0, world=1):
+    groups (one id a sample, e.g. landscape 0 / portrait 1) makes each global batch one group's,
+    as detectron2's and torchvision's aspect-ratio grouping do: the stream fills one buffer per
+    group, and a full buffer is the next batch. Pairing a landscape image with a portrait one pads
+    both to a square; on COCO photos at 800 px that was a quarter of every batch."""
+
+    def __init__(self, n, batch_size, seed, start_iter, iters, rank=0, world=1, groups=None):
         self.n, self.B, self.seed, self.start, self.iters = n, batch_size, seed, start_iter, iters
-        self.rank, self.world, self.perms = rank, world, {}
+        self.rank, self.world, self.groups = rank, world, groups
 
-    def index(self, pos):
-        epoch, j = divmod(pos, self.n)
-        if epoch not in self.perms:
-            self.perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return self.perms[epoch][j].item()
+    def global_batches(self):
+        """Every global batch from iteration 0 on: lists of (sample index, stream position)."""
+        buffers, pos = {}, 0
+        while True:
+            epoch = pos // self.n
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for j, index in enumerate(perm):
+                buffer = buffers.setdefault(0 if self.groups is None else self.groups[index], [])
+                buffer.append((index, epoch * self.n + j))
+                if len(buffer) == self.B:
+                    yield buffer.copy()
+                    buffer.clear()
+            pos += self.n
 
     def __iter__(self):
         b = self.B // self.world
-        for it in range(self.start, self.iters):
-            first = it * self.B + self.rank * b
-            yield [(self.index(p), p) for p in range(first, first + b)]
+        for it, batch in zip(range(self.iters), self.global_batches()):  # a resume replays the stream's
+            if it >= self.start:  # integers up to start (about a second for 90k iterations), no images
+                yield batch[self.rank * b:(self.rank + 1) * b]
 
     def __len__(self):
         return self.iters - self.start
@@ -189,104 +205,3 @@ def coco_evaluate(coco_gt, results, image_ids=None):
         ev.accumulate()
     ev.summarize()
     return {k: float(v) for k, v in zip(STATS, ev.stats)}
-
-
-# ---- the synthetic shapes set ----------------------------------------------------------------------------------
-
-SHAPES = ("ellipse", "rectangle", "triangle", "cross")
-
-
-def _draw_shape(draw, kind, box, color):
-    x1, y1, x2, y2 = box
-    if kind == "ellipse":
-        draw.ellipse(box, fill=color)
-    elif kind == "rectangle":
-        draw.rectangle(box, fill=color)
-    elif kind == "triangle":
-        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
-    else:  # cross: two bars a third of the box thick
-        tw, th = (x2 - x1) / 3, (y2 - y1) / 3
-        draw.rectangle((x1 + tw, y1, x2 - tw, y2), fill=color)
-        draw.rectangle((x1, y1 + th, x2, y2 - th), fill=color)
-
-
-def _shapes_image(rng, size, max_objects):
-    """One picture: a noisy gradient, clutter that is not an object, and 1..max_objects shapes."""
-    base = rng.uniform(40, 215, 3)
-    ramp = np.linspace(-1, 1, size)[None, :, None] * rng.uniform(-40, 40, 3)
-    pixels = base + ramp.transpose(1, 0, 2) * rng.uniform(0, 1) + ramp + rng.normal(0, 6, (size, size, 3))
-    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(3, 12)):  # clutter: thin strokes and specks, hard negatives
-        color = tuple(int(c) for c in rng.uniform(0, 255, 3))
-        x, y = rng.uniform(0, size, 2)
-        if rng.uniform() < 0.5:
-            draw.line((x, y, x + rng.normal(0, size / 4), y + rng.normal(0, size / 4)), fill=color,
-                      width=int(rng.integers(1, 3)))
-        else:
-            r = rng.uniform(1, 2.5)
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
-    boxes, labels = [], []
-    for _ in range(rng.integers(1, max_objects + 1) * 4):  # placement attempts
-        if len(boxes) == max_objects:
-            break
-        side = math.exp(rng.uniform(math.log(0.08 * size), math.log(0.6 * size)))  # many small, some large
-        aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
-        w, h = side * math.sqrt(aspect), side / math.sqrt(aspect)
-        if w > size - 2 or h > size - 2:
-            continue
-        x1, y1 = rng.uniform(0, size - w), rng.uniform(0, size - h)
-        box = (x1, y1, x1 + w, y1 + h)
-        if any(min(box[2], b[2]) > max(box[0], b[0]) and min(box[3], b[3]) > max(box[1], b[1]) for b in boxes):
-            continue  # no overlaps: every box is fully visible
-        color = (base + rng.choice([-1, 1], 3) * rng.uniform(60, 110, 3)).clip(0, 255)  # contrast with background
-        label = int(rng.integers(len(SHAPES)))
-        _draw_shape(draw, SHAPES[label], box, tuple(int(c) for c in color))
-        boxes.append(box)
-        labels.append(label)
-    return image, boxes, labels
-
-
-def make_shapes(out, num_train=4000, num_val=300, size=160, max_objects=6, seed=0):
-    """Write the shapes set in COCO format: out/{train,val}/*.jpg, out/annotations/instances_{train,val}.json."""
-    rng = np.random.default_rng(seed)
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPES)]
-    for split, count in (("train", num_train), ("val", num_val)):
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        images, annotations = [], []
-        for i in range(count):
-            image, boxes, labels = _shapes_image(rng, size, max_objects)
-            name = f"{i + 1:06d}.jpg"  # named by id, as COCO does
-            image.save(os.path.join(out, split, name), quality=92)
-            images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-            for (x1, y1, x2, y2), lab in zip(boxes, labels):
-                bbox = [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": lab + 1,
-                                    "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0})
-        ann_file = coco_paths(out, split)[0]
-        os.makedirs(os.path.dirname(ann_file), exist_ok=True)
-        with open(ann_file + ".tmp", "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-        os.replace(ann_file + ".tmp", ann_file)  # the annotation file appears last, complete
-    return out
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("shapes", help="write the synthetic shapes set")
-    s.add_argument("--out", default="data/shapes")
-    s.add_argument("--train", type=int, default=4000)
-    s.add_argument("--val", type=int, default=300)
-    s.add_argument("--size", type=int, default=160)
-    s.add_argument("--seed", type=int, default=0)
-    return p
-
-
-def main(args):
-    make_shapes(args.out, args.train, args.val, args.size, seed=args.seed)
-    print(f"wrote {args.train} train and {args.val} val images to {args.out}")
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import data as D
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ def shared_path(*parts):
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     """8 train and 4 val shapes images of 96 px."""
-    return D.make_shapes(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=4, size=96, seed=1)
+    return shapes.make_shapes(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=4, size=96, seed=1)
 
 
 def tiny_flags(shapes, out, iters=4, **extra):

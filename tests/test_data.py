@@ -1,5 +1,4 @@
-"""data.py: the real COCO subset through pycocotools, augmentation geometry, bad files, shapes, evaluation."""
-import filecmp
+"""data.py: the real COCO subset through pycocotools, augmentation geometry, bad files, batching, evaluation."""
 import json
 import os
 
@@ -109,21 +108,52 @@ def test_collate_pads_to_a_multiple_with_the_fill_colour():
     assert [t["n"] for t in targets] == [0, 1]
 
 
-def test_shapes_set_is_deterministic_and_mostly_background(tmp_path):
-    a = D.make_shapes(str(tmp_path / "a"), num_train=6, num_val=2, size=96, seed=5)
-    b = D.make_shapes(str(tmp_path / "b"), num_train=6, num_val=2, size=96, seed=5)
-    assert filecmp.cmp(D.coco_paths(a, "train")[0], D.coco_paths(b, "train")[0], shallow=False)
-    assert filecmp.cmp(os.path.join(a, "train", "000003.jpg"), os.path.join(b, "train", "000003.jpg"), shallow=False)
-    ds = D.CocoDetection(*D.coco_paths(a, "train"))
-    boxes = torch.cat([bx for bx, _ in ds.targets])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    assert len(ds.class_names) == 4 and len(boxes) >= 6
-    assert areas.sum() < 0.5 * 6 * 96 * 96  # far more background than object
-
-
 def test_coco_results_are_xywh_with_category_ids():
     det = [{"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]]), "scores": torch.tensor([0.5]),
             "labels": torch.tensor([1])}]
     assert D.coco_results(det, [42], [3, 7]) == [{"image_id": 42, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0],
                                                   "score": 0.5}]
     assert D.coco_evaluate(None, [])["AP"] == 0.0
+
+
+def test_batch_stream_without_groups_is_one_shuffled_stream_cut_in_batches():
+    stream = D.BatchStream(10, 4, seed=3, start_iter=0, iters=6)
+    batches = list(stream)
+    assert [p for b in batches for _, p in b] == list(range(24))  # positions 0..23 in order, epochs run on
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 1)).tolist()  # epoch 1's order
+    assert [i for b in batches for i, p in b if 10 <= p < 20] == perm
+
+
+def test_aspect_grouped_batches_are_one_orientation_and_the_same_for_any_ranks_and_resume():
+    groups = [0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1]
+    one = list(D.BatchStream(len(groups), 4, 0, 0, 30, groups=groups))
+    assert all(len({groups[i] for i, _ in b}) == 1 for b in one) and all(len(b) == 4 for b in one)
+    positions = [p for b in one for _, p in b]
+    assert len(set(positions)) == len(positions)  # every stream position used once
+    assert set(range(max(positions) - 8)) <= set(positions)  # only the last few wait in a buffer
+    ranks = [list(D.BatchStream(len(groups), 4, 0, 0, 30, rank=r, world=2, groups=groups)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one
+    assert list(D.BatchStream(len(groups), 4, 0, 17, 30, groups=groups)) == one[17:]
+
+
+def test_aspect_grouping_and_padding_to_32_cut_the_padding_of_coco_batches():
+    """Batches of 2 of the 20 COCO photos at 800 px, through the training pipeline's resize and collate:
+    batch pixels per image pixel (1.0 = no padding), for an epoch of the training batch stream."""
+    ds = coco_subset(train=True, min_size=800, max_size=1333, flip=0.0)
+    sizes = [tuple(ds[(i, 0)][0].shape[1:]) for i in range(len(ds))]
+    groups = ds.aspect_groups()
+    assert groups == [int(h > w) for h, w in sizes]
+
+    def ratio(grouped, divisible):
+        batched = real = 0
+        for batch in D.BatchStream(len(ds), 2, 0, 0, 10, groups=groups if grouped else None):
+            images, _ = D.collate([(torch.zeros(3, *sizes[i], dtype=torch.uint8), {}) for i, _ in batch], divisible)
+            batched += images[:, 0].numel()
+            real += sum(sizes[i][0] * sizes[i][1] for i, _ in batch)
+        return batched / real
+
+    before, grouped_128, grouped_32 = ratio(False, 128), ratio(True, 128), ratio(True, 32)
+    print(f"batch pixels per image pixel: {before:.3f} ungrouped at 128, {grouped_128:.3f} grouped at 128, "
+          f"{grouped_32:.3f} grouped at 32, {ratio(False, 32):.3f} ungrouped at 32")
+    assert grouped_32 < grouped_128 < before
+    assert grouped_32 < 1.1
