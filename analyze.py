@@ -25,6 +25,7 @@ import data as D
 import infer
 import model as M
 import train
+from evaluate import evaluate
 from loss import assign_targets, focal_loss
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
@@ -259,7 +260,7 @@ def cmd_anchors(args):
 
 def cmd_eval(args):
     model = infer.load_model(args.weights, args.device)
-    stats = train.evaluate(model, dataset(args.data, args.split, model.cfg), out_dir=args.out)
+    stats = evaluate(model, dataset(args.data, args.split, model.cfg), out_dir=args.out)
     print(json.dumps(stats))
     return stats
 

@@ -15,8 +15,8 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 import data as D
 import infer
 import model as M
-import train
 from conftest import ROOT, shared_path
+from evaluate import evaluate
 
 
 def args(*words):
@@ -69,7 +69,7 @@ def test_json_loads_with_pycocotools_and_scores_like_train_evaluate(tiny_shapes,
     gt.loadRes(str(det_json))  # image ids are the COCO ids of the file names
     model = M.load_checkpoint(tiny_checkpoint)
     ds = D.CocoDetection(*D.coco_paths(tiny_shapes, "val"))
-    expected = train.evaluate(model, ds)
+    expected = evaluate(model, ds)
     assert D.coco_evaluate(ds.coco, json.load(open(det_json)), image_ids=ds.ids) == expected
 
 
@@ -155,3 +155,13 @@ def test_torchvision_weights_label_with_coco_names(monkeypatch, tmp_path):
     model = infer.load_model("torchvision")
     assert model.cfg.class_names[1] == "person" and model.cfg.num_classes == 91 and model.cfg.category_ids[1] == 1
     assert model.cfg.p6_from == "p5" and model.cfg.round_anchors
+
+
+def test_score_threshold_1_gives_no_detection_and_0_every_candidate(tiny_shapes, tiny_checkpoint, tmp_path):
+    path = os.path.join(tiny_shapes, "val", "000002.jpg")
+    none, _ = infer.main(args(path, "--weights", tiny_checkpoint, "--out", tmp_path, "--score-thresh", "1.0"))
+    every, _ = infer.main(args(path, "--weights", tiny_checkpoint, "--out", tmp_path, "--score-thresh", "0"))
+    assert len(none[path]["boxes"]) == 0 and len(every[path]["boxes"]) == 100  # cfg.max_detections
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), path, "--weights", tiny_checkpoint,
+                           "--out", str(tmp_path), "--score-thresh", "1.5"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: score threshold must be in [0, 1], got 1.5"
