@@ -3,7 +3,8 @@
 The paper builds FPN on ResNet-50/101 pre-trained on ImageNet, with batch norm frozen (its
 statistics and affine terms become constants) and the stem plus the first residual stage frozen,
 as in Detectron (FREEZE_AT = 2). Training from scratch (the CPU quick start) needs trainable batch
-norm instead: norm="bn".
+norm instead: norm="bn". Under DDP, train.py turns that batch norm into SyncBatchNorm, so that N
+processes normalise over the whole batch as one process would.
 
 Module names follow torchvision's ResNet (conv1, bn1, layer1 ... layer4), so an ImageNet or
 torchvision detection state dict loads key for key.
@@ -11,9 +12,10 @@ torchvision detection state dict loads key for key.
 import socket
 
 import torch
+import torch.distributed as dist
 import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision import ops
 
 ARCHS = {  # name -> (torchvision constructor, ImageNet weights, C3/C4/C5 channels)
     "resnet18": ("resnet18", "ResNet18_Weights", (128, 256, 512)),
@@ -23,6 +25,72 @@ ARCHS = {  # name -> (torchvision constructor, ImageNet weights, C3/C4/C5 channe
     "resnet152": ("resnet152", "ResNet152_Weights", (512, 1024, 2048)),
 }
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # freeze_at=k freezes the first k
+
+
+class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
+    """torchvision's frozen batch norm (the same buffers and float32 arithmetic) that keeps the input's
+    dtype, as detectron2's does: under AMP, float16 activations times float32 buffers would otherwise
+    promote every BN output, and the ReLUs and residual adds after it, to float32."""
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[:, None, None] + bias.to(x.dtype)[:, None, None]
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over processes whose gradient is the sum of the processes' gradients: each process's
+    input then gets what the losses of all processes ask of it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """Batch norm over the batch of all processes (detectron2's NaiveSyncBatchNorm): the mean and the
+    variance are all-reduced, differentiably, so N processes with B images each compute what one
+    process computes with N*B images, gradients and running statistics included. Unlike
+    torch.nn.SyncBatchNorm (CUDA only) it runs on any device, so the gloo tests run it on a CPU.
+    Outside DDP or in eval mode it is nn.BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        world, dtype = dist.get_world_size(), x.dtype
+        x = x.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else x  # statistics in float32
+        count = x.numel() // x.shape[1] * world  # values per channel over all processes
+        mean = _AllReduce.apply(x.sum((0, 2, 3))) / count  # (C,); two passes: exact where E[x^2] - E[x]^2 is not
+        var = _AllReduce.apply((x - mean[:, None, None]).square().sum((0, 2, 3))) / count
+        if self.momentum is None:
+            raise ValueError("SyncBatchNorm: momentum=None (a cumulative average) is not supported")
+        with torch.no_grad():  # as nn.BatchNorm2d: the unbiased variance goes into the running statistic
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * (var + self.eps).rsqrt()
+        out = (x - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+        return out.to(dtype)
+
+
+def sync_batch_norm(module):
+    """Every trainable nn.BatchNorm2d of module replaced by SyncBatchNorm with its state (in place)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm(child.num_features, child.eps, child.momentum).to(child.weight)  # device, dtype
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            sync_batch_norm(child)
+    return module
 
 
 class Backbone(nn.Module):
@@ -80,7 +148,7 @@ def fold_batch_norm(module):
     over every activation. For inference only: the folded weights are no longer the trained ones."""
     children = list(module.named_children())
     for (name, conv), (bn_name, bn) in zip(children, children[1:]):
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, (ops.FrozenBatchNorm2d, nn.BatchNorm2d)):
             scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
             fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                               conv.dilation, conv.groups, bias=True).to(conv.weight.device)

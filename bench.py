@@ -215,9 +215,20 @@ def cuda_peak_memory(step):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def setup_device(name):
+    """The device, made current (so that synchronize and memory statistics are its own, not cuda:0's), TF32
+    off: TF32 convs move outputs by ~1e-3. The float32 rows are IEEE float32; the AMP row is the fast one."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    return device
+
+
 def main(args):
     p = QUICK if args.quick else FULL
-    device = torch.device(args.device)
+    device = setup_device(args.device)
     g = torch.Generator().manual_seed(0)
     rows = []
 
@@ -269,7 +280,7 @@ def main(args):
     row(f"peak memory of the training step, 2 x {s}x{s}", peaks, (True, how), 0.8, "MiB")
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "python": platform.python_version()}
+               "python": platform.python_version(), "tf32": False}
     with open(args.out + ".tmp", "w") as f:
         json.dump({"machine": machine, "quick": args.quick, "rows": rows}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)

@@ -60,7 +60,9 @@ class ModelConfig:
     # input (torchvision's ImageNet normalisation, RGB in [0, 1]; Detectron used BGR Caffe2 weights)
     min_size: int = 800
     max_size: int = 1333
-    size_divisible: int = 128  # P7 has stride 128: every level's grid covers the input exactly
+    # Detectron pads to P7's stride, 128; ceil-sized grids (anchors.py) fit any size and the top-down 2x
+    # upsampling needs only P5's 32, as torchvision pads: on COCO at 800 px, 128 cost 18% more pixels.
+    size_divisible: int = 32
     pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)
     # inference (§4 "Inference")
@@ -165,9 +167,11 @@ def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, origina
     back in original_sizes coordinates (or those of image_sizes when it is None).
     Returns a list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)}.
     """
-    K = cls_logits.shape[-1]
+    if not 0 <= score_thresh <= 1:
+        raise ValueError(f"score threshold must be in [0, 1], got {score_thresh}")
+    K, t = cls_logits.shape[-1], score_thresh
     # score > t  <=>  logit > log(t / (1 - t)): the threshold costs no sigmoid over all R x K scores
-    logit_thresh = math.log(score_thresh / (1 - score_thresh))
+    logit_thresh = -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
     results = []
     for n, size in enumerate(image_sizes):
         boxes, scores, labels = [], [], []

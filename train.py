@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 train.py --data /path/to/coco     # the same on 8 GPUs, 2 images each
     torchrun --nproc_per_node=8 train.py --data /path/to/coco --arch resnet101 --schedule 1.5 --scales 640 800
     python train.py --data /path/to/coco --eval-only --weights runs/retinanet/checkpoint.pt
-    python train.py --resume --out runs/quickstart                # continue an interrupted run exactly
+    python train.py --resume --out runs/quickstart                # continue an interrupted run
 
 With --data the defaults are the paper's: ResNet-50 with ImageNet weights and frozen BN, SGD with
 momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
@@ -18,21 +18,24 @@ import bisect
 import json
 import os
 import time
-from dataclasses import asdict
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import backbone as B
+import checkpoint as C
 import data as D
 import model as M
+import shapes
+from evaluate import evaluate
 from loss import retinanet_loss
 
 PAPER = dict(arch="resnet50", norm="frozen", freeze_at=2, backbone_weights="imagenet", channels=256, head_norm=None,
              anchor_sizes=[32, 64, 128, 256, 512], min_size=800, max_size=1333, batch_size=16, lr=0.01, iters=90000,
              steps=[60000, 80000], warmup_iters=500, ckpt_every=2000, workers=4, train_split="train2017",
-             val_split="val2017", out="runs/retinanet", size_divisible=128)
+             val_split="val2017", out="runs/retinanet", size_divisible=32)  # see ModelConfig.size_divisible
 QUICKSTART = dict(arch="resnet18", norm="bn", freeze_at=0, backbone_weights="none", channels=64, head_norm="gn",
                   anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=1000,
                   steps=[750, 900], warmup_iters=100, ckpt_every=250, workers=1, train_split="train",
@@ -61,6 +64,10 @@ def get_args_parser():
     a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
     a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
     a("--device", help="cpu or cuda (default: cuda when available)")
+    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="memory format (auto: nhwc on CUDA)")
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels: --resume reproduces a GPU run too")
+    a("--aspect-grouping", action=argparse.BooleanOptionalAction, default=True,
+      help="batch landscape with landscape and portrait with portrait images (less padding)")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=20)
     a("--finetune", help="start from a checkpoint of this project, or 'torchvision' / 'torchvision-v2'")
@@ -118,66 +125,19 @@ def build_model(args, ds, device):
     return M.RetinaNet(cfg, backbone_weights=weights).to(device)
 
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args):
-    """Everything a run needs to continue, written to a temporary name and renamed: never half-written."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "iteration": iteration, "config": asdict(model.cfg), "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-@torch.inference_mode()
-def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0):
-    """COCO AP of model on ds with pycocotools (the one evaluation function: analyze.py uses it too).
-    Each rank detects its share of the images; rank 0 gathers, scores, writes results.json and eval.json."""
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=list)
-    results = []
-    for batch in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
-        detections = M.detect(model, [image for image, _ in batch])
-        results += D.coco_results(detections, [t["image_id"] for _, t in batch], ds.cat_ids)
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
-    if rank != 0:
-        return None
-    stats = D.coco_evaluate(ds.coco, results, image_ids=ds.ids)
-    if out_dir:
-        for name, obj in (("results.json", results), ("eval.json", stats)):
-            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-                json.dump(obj, f)
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    return stats
-
-
-def plot_losses(run_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "cls", "box"):
-        ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=key)
-    ax.set(xlabel="iteration", ylabel="loss", yscale="log", title=os.path.basename(os.path.abspath(run_dir)))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "loss.png"), dpi=100)
-    plt.close(fig)
-
-
 def main(args):
     args = fill_defaults(args)
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)  # also makes cuDNN pick deterministic algorithms
+        torch.backends.cudnn.benchmark = False
     # DDP, detected from torchrun's environment (nanoGPT style): NCCL on GPUs, gloo on CPUs.
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cuda = torch.cuda.is_available() and args.device != "cpu"
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
@@ -190,9 +150,9 @@ def main(args):
         print0("--amp needs CUDA: training in float32")
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    if args.data == "data/shapes" and not os.path.exists(D.coco_paths(args.data, "val")[0]) and rank == 0:
-        print0("writing the shapes set to data/shapes (once) ...")
-        D.make_shapes(args.data)
+    if args.data == "data/shapes" and not os.path.exists(D.coco_paths(args.data, "val")[0]) and local == 0:
+        print0("writing the shapes set to data/shapes (once) ...")  # once a node: nodes need not share a disk
+        shapes.make_shapes(args.data)
     if ddp:
         dist.barrier()
 
@@ -205,8 +165,14 @@ def main(args):
         return {"model": model, "stats": stats}
 
     train_ds, val_ds = datasets(args)
-    model = build_model(args, train_ds, device)  # NCHW: oneDNN's channels-last 3x3 conv backward was 1.7x slower
+    model = build_model(args, train_ds, device)
     cfg = model.cfg
+    if ddp and cfg.norm == "bn":  # trainable BN: normalise over all processes' images, as one process would
+        model = B.sync_batch_norm(model)  # before the optimizer takes the parameters
+    # Memory layout per device: cuDNN's float16 convolutions prefer channels-last; on a CPU oneDNN's
+    # channels-last 3x3 conv backward was 1.7x slower (AVX2 host, docs/performance.md), so NCHW there.
+    if args.layout == "nhwc" or (args.layout == "auto" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr * args.batch_size / 16  # §4.1: 0.01 for 16 images, linear scaling rule
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -219,19 +185,16 @@ def main(args):
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     ckpt_path, start = os.path.join(args.out, "checkpoint.pt"), 0
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["iteration"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        start = C.restore(ckpt_path, model, optimizer, scheduler, scaler, device)
+        if rank == 0:
+            C.keep_metrics_until(args.out, start)
         print0(f"resumed from {ckpt_path} at iteration {start}")
     train_model = torch.nn.parallel.DistributedDataParallel(model, [device] if cuda else None) if ddp else model
     fill = tuple(round(255 * m) for m in cfg.pixel_mean)
+    groups = train_ds.aspect_groups() if args.aspect_grouping else None
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=D.BatchStream(len(train_ds), args.batch_size, args.seed, start, args.iters, rank,
-                                              world),
+                                              world, groups),
         collate_fn=partial(D.collate, size_divisible=cfg.size_divisible, fill=fill), num_workers=args.workers,
         pin_memory=cuda)
 
@@ -241,10 +204,12 @@ def main(args):
             x = x / world
         return x
 
-    anchor_cache, last_good, t0 = {}, None, time.time()
+    anchor_cache, last_good, t0, pixels = {}, None, time.time(), [0, 0]  # [in batches, of the images]
     bar = tqdm(total=args.iters, initial=start, disable=rank != 0, dynamic_ncols=True)
     model.train()
     for it, (images, targets) in zip(range(start, args.iters), loader):
+        pixels[0] += images[:, 0].numel()
+        pixels[1] += sum(h * w for h, w in (t["size"] for t in targets))
         x = M.normalize(images.to(device, non_blocking=True), cfg)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             cls_logits, box_deltas = train_model(x)
@@ -255,12 +220,19 @@ def main(args):
                                 reduce_num_fg=all_reduce_mean, **cfg.loss_args())
         loss = losses["cls"] + losses["box"]
         logged = all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach())
+        where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
         if not torch.isfinite(logged).all():  # every rank sees the same reduced value and stops together
-            where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
             raise FloatingPointError(f"iteration {it}: loss is {logged[0].item()}; stopped. Last good checkpoint: "
                                      f"{where}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        # A finite loss can still have non-finite gradients. Under AMP the scaler skips such steps and
+        # lowers its scale (its job); in float32 the step would write NaN into every weight. DDP has
+        # averaged the gradients already, so every rank sees the same norm and stops together.
+        grad_norm = None if amp else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if grad_norm is not None and not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"iteration {it}: gradient norm is {grad_norm.item()} with a finite loss "
+                                     f"({logged[0].item():.4g}); stopped. Last good checkpoint: {where}")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -268,19 +240,22 @@ def main(args):
         if rank == 0 and (done % args.log_every == 0 or done == args.iters):
             speed = (done - start) * args.batch_size / (time.time() - t0)
             row = {"iter": done, "loss": logged[0].item(), "cls": logged[1].item(), "box": logged[2].item(),
-                   "lr": scheduler.get_last_lr()[0], "img_per_s": round(speed, 2)}
+                   "lr": scheduler.get_last_lr()[0], "img_per_s": float(f"{speed:.3g}"),
+                   "pixels_per_image_pixel": round(pixels[0] / pixels[1], 4)}  # 1.0: no padding
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.4f}", img_s=f"{speed:.1f}")
         bar.update(1)
         if done % args.ckpt_every == 0 or done == args.iters:
+            C.check_finite(model, done, where)  # on every rank: the weights are the same on all
             if rank == 0:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, args)
+                C.save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, args)
             last_good = done
     bar.close()
     if rank == 0 and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        plot_losses(args.out)
-    print0(f"trained {args.iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}")
+        C.plot_losses(args.out)
+    print0(f"trained {args.iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}; "
+           f"{pixels[0] / max(pixels[1], 1):.3f} batch pixels per image pixel (padding)")
     stats = None
     if not args.no_eval:
         stats = evaluate(model, val_ds, rank=rank, world=world, out_dir=args.out, workers=min(args.workers, 2))

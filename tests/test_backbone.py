@@ -1,4 +1,7 @@
 """backbone.py: C3-C5 against torchvision's ResNet, freezing, and weight loading with bad files."""
+import os
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -7,7 +10,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+import model as M
 from backbone import Backbone
+from conftest import ROOT
 
 
 def test_c3_c4_c5_equal_torchvision_resnet_with_the_same_local_weights(tmp_path):
@@ -81,3 +86,45 @@ def test_bad_arguments():
         Backbone("vgg16")
     with pytest.raises(ValueError, match="norm must be"):
         Backbone("resnet18", norm="gn")
+
+
+def test_frozen_bn_keeps_the_activation_dtype_under_autocast_and_equals_torchvision_in_float32():
+    b = Backbone("resnet18", norm="frozen", freeze_at=0).eval()
+    for m in b.modules():
+        if isinstance(m, FrozenBatchNorm2d):  # statistics a trained network has
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 2)
+    dtypes = []
+    for m in b.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c3, c4, c5 = b(torch.randn(1, 3, 64, 64))
+    assert len(dtypes) == 20 and set(dtypes) == {torch.bfloat16} and c5.dtype == torch.bfloat16
+    ours = b.layer1[0].bn1
+    tv = FrozenBatchNorm2d(64, eps=ours.eps)  # torchvision's: its float32 buffers promote bfloat16 to float32
+    tv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 64, 9, 9)
+    assert torch.equal(ours(x), tv(x))
+    assert tv(x.bfloat16()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_sync_batch_norm_over_two_processes_equals_batch_norm_over_the_whole_batch(tmp_path):
+    # float64, so that the comparison is exact up to rounding (64 channels: with 32, GroupNorm(32) has one
+    # channel a group and 1e-12 at the input moves the gradients by 1e-3): gradients of every parameter and the
+    # running statistics of 2 ranks x 2 images equal those of one process with the 4 images
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           os.path.join(ROOT, "tests", "sync_bn_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(num_classes=3, arch="resnet18", norm="bn", freeze_at=0, channels=64, head_norm="gn")
+    net = M.RetinaNet(cfg).double()
+    out = net(torch.randn(4, 3, 64, 64, dtype=torch.float64))
+    (sum(o.square().sum() for o in out) / 2).backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for n, p in net.named_parameters():
+            assert (got["grads"][n] - p.grad).norm() <= 1e-9 * p.grad.norm(), n  # measured: ~1e-11
+        for n, b in net.named_buffers():
+            assert (got["buffers"][n] - b).float().norm() <= 1e-9 * b.float().norm(), n

@@ -32,3 +32,15 @@ def test_loss_check_holds_under_autocast_and_catches_a_changed_weight():
     with torch.no_grad():
         ours.cls_head.out.bias += 1e-3
     assert not bench.check_train_losses(tv, ours, images, targets)[0]
+
+
+def test_cuda_device_is_made_current_with_tf32_off(monkeypatch):
+    # --device cuda:1 synchronised and measured memory on cuda:0, and TF32 convs (~1e-3) failed "same detections"
+    chosen, before = [], (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)  # no GPU here: record what would be made current
+    try:
+        assert bench.setup_device("cuda:1") == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
+        assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+    assert bench.setup_device("cpu") == torch.device("cpu") and len(chosen) == 1

@@ -1,5 +1,6 @@
 """model.py: parity with torchvision's RetinaNet v1 and v2 on the same weights, inference, bad input."""
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -177,3 +178,20 @@ def test_for_inference_folds_frozen_bn_into_the_convs_and_keeps_the_outputs():
     assert fast.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_score_thresholds_0_and_1_keep_everything_and_nothing():
+    # log(t / (1 - t)) is -inf at 0 and +inf at 1: the app's slider reaches 1.0, infer.py takes 0
+    g = torch.Generator().manual_seed(1)
+    per_level = [h * w * 9 for h, w in ((8, 8), (4, 4), (2, 2), (1, 1), (1, 1))]
+    cls_logits, box_deltas = torch.randn(1, sum(per_level), 3, generator=g) - 2, torch.randn(1, sum(per_level), 4) * 0.1
+    anchors = M.make_anchors(M.ModelConfig(), (64, 64))[0]
+    run = functools.partial(M.postprocess, cls_logits, box_deltas, anchors, per_level, [(64, 64)], max_detections=300)
+    assert len(run(score_thresh=1.0)[0]["boxes"]) == 0
+    everything, just_below = run(score_thresh=0.0)[0], run(score_thresh=cls_logits.sigmoid().min().item() / 2)[0]
+    assert len(everything["boxes"]) > 100
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(everything[key], just_below[key])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="score threshold must be in \\[0, 1\\]"):
+            run(score_thresh=bad)
