@@ -65,16 +65,18 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        world, dtype = dist.get_world_size(), x.dtype
+        dtype = x.dtype
         x = x.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else x  # statistics in float32
-        count = x.numel() // x.shape[1] * world  # values per channel over all processes
-        mean = _AllReduce.apply(x.sum((0, 2, 3))) / count  # (C,); two passes: exact where E[x^2] - E[x]^2 is not
+        # sums and value counts over all processes (their images may differ in size), in one all-reduce
+        sums = _AllReduce.apply(torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() // x.shape[1])]))
+        count = sums[-1].detach()
+        mean = sums[:-1] / count  # (C,); two passes: exact where E[x^2] - E[x]^2 is not
         var = _AllReduce.apply((x - mean[:, None, None]).square().sum((0, 2, 3))) / count
         if self.momentum is None:
             raise ValueError("SyncBatchNorm: momentum=None (a cumulative average) is not supported")
         with torch.no_grad():  # as nn.BatchNorm2d: the unbiased variance goes into the running statistic
             self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+            self.running_var.lerp_(var * count / (count - 1).clamp(min=1), self.momentum)
             self.num_batches_tracked += 1
         scale = self.weight * (var + self.eps).rsqrt()
         out = (x - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
@@ -87,6 +89,7 @@ def sync_batch_norm(module):
         if type(child) is nn.BatchNorm2d:
             sync = SyncBatchNorm(child.num_features, child.eps, child.momentum).to(child.weight)  # device, dtype
             sync.load_state_dict(child.state_dict())
+            sync.train(child.training).requires_grad_(child.weight.requires_grad)
             setattr(module, name, sync)
         else:
             sync_batch_norm(child)

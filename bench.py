@@ -12,7 +12,6 @@ Peak memory is measured in a fresh process per model. The table also goes to ben
 """
 import argparse
 import ctypes
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
 
 import anchors as A
+import data as D
 import model as M
 from loss import focal_loss, retinanet_loss
 
@@ -220,6 +220,7 @@ def setup_device(name):
     off: TF32 convs move outputs by ~1e-3. The float32 rows are IEEE float32; the AMP row is the fast one."""
     device = torch.device(name)
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cudnn.conv.fp32_precision = "ieee"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
@@ -281,9 +282,7 @@ def main(args):
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version(), "tf32": False}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump({"machine": machine, "quick": args.quick, "rows": rows}, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    D.write_json(args.out, {"machine": machine, "quick": args.quick, "rows": rows})
     print("\n| | torchvision | ours | ours / torchvision | target | results |\n|---|---|---|---|---|---|")
     for r in rows:
         fmt = "{:.0f} MiB" if r["unit"] == "MiB" else "{:.3f} s"

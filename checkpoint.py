@@ -11,14 +11,15 @@ from dataclasses import asdict
 
 import torch
 
+import data as D
+
 
 def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, args):
     """Everything a run needs to continue, written to a temporary name and renamed: never half-written."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "iteration": iteration, "config": asdict(model.cfg), "args": vars(args),
              "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    D.write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def check_finite(model, iteration, last_good):
@@ -41,8 +42,9 @@ def restore(path, model, optimizer, scheduler, scaler, device):
     elif scaler.is_enabled():
         print(f"{path}: no AMP loss scale saved (a float32 run); starting from the default scale")
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and device.index is not None and device.index < len(ckpt["rng"]["cuda"]):
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][device.index], device)
+    index = (torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" else -1
+    if 0 <= index < len(ckpt["rng"]["cuda"]):
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][index], index)
     return ckpt["iteration"]
 
 
@@ -52,10 +54,21 @@ def keep_metrics_until(run_dir, iteration):
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["iter"] <= iteration]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(rows)
-        os.replace(path + ".tmp", path)
+            rows = [line for line in f if (row := _parse(line)) and row["iter"] <= iteration]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(rows)
+
+        D.write_atomic(path, write)
+
+
+def _parse(line):
+    """A metrics row, or None for a blank line or the half-written last line of a killed run."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def plot_losses(run_dir):
@@ -65,7 +78,7 @@ def plot_losses(run_dir):
     import matplotlib.pyplot as plt
 
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+        rows = [row for line in f if "loss" in (row := json.loads(line))]  # not the evaluation rows
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "cls", "box"):
         ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=key)

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import socket
 import warnings
 
 import torch
@@ -22,6 +23,35 @@ from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary name of this process's own, then rename it to path: a crash never
+    leaves a half-written file, and processes writing the same file at once never tear it."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{socket.gethostname()}-{os.getpid()}.tmp{ext}"  # the extension stays: savefig, np.savez
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+
+    write_atomic(path, dump)
+
+
+def save_figure(fig, out, name, numbers):
+    """out/name.png and the numbers behind it, out/name.json, each written atomically (the analyses' outputs)."""
+    os.makedirs(out, exist_ok=True)
+    fig.tight_layout()
+    write_atomic(os.path.join(out, f"{name}.png"), lambda tmp: fig.savefig(tmp, dpi=100))
+    write_json(os.path.join(out, f"{name}.json"), numbers)
 
 
 def coco_paths(root, split):

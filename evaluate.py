@@ -9,7 +9,6 @@ through the checkpoint's own `category_ids` (a model trained on COCO knows COCO'
 91 outputs are indexed by category id), and pycocotools scores the results (data.coco_evaluate).
 A model whose classes are not the dataset's is refused before any image is run.
 """
-import json
 import os
 
 import torch
@@ -64,8 +63,6 @@ def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0):
     results = [r for r in results if r["category_id"] in known]
     stats = D.coco_evaluate(ds.coco, results, image_ids=ds.ids)
     if out_dir:
-        for name, obj in (("results.json", results), ("eval.json", stats)):
-            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-                json.dump(obj, f)
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        D.write_json(os.path.join(out_dir, "results.json"), results)
+        D.write_json(os.path.join(out_dir, "eval.json"), stats)
     return stats

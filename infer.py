@@ -11,7 +11,6 @@ class names, test scale) comes from the checkpoint. A file that cannot be read i
 line and skipped; the exit status is 1 when any failed.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -84,9 +83,7 @@ def draw(image, det, class_names):
 
 
 def save_image(tensor, path):
-    tmp = path + ".tmp.jpg"  # written under a temporary name, then renamed: never half-written
-    Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, quality=92)
-    os.replace(tmp, path)
+    D.write_atomic(path, lambda tmp: Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(tmp, quality=92))
 
 
 def image_id(path, index):
@@ -148,9 +145,7 @@ def main(args):
                 for r in D.coco_results([det], [image_id(path, len(by_path) - 1)], cat_ids):
                     results.append({**r, "file_name": os.path.basename(path)})
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f)
-        os.replace(args.json + ".tmp", args.json)
+        D.write_json(args.json, results)
     return by_path, failed
 
 

@@ -108,23 +108,50 @@ def test_frozen_bn_keeps_the_activation_dtype_under_autocast_and_equals_torchvis
     assert tv(x.bfloat16()).dtype == torch.float32 and ours(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_sync_batch_norm_over_two_processes_equals_batch_norm_over_the_whole_batch(tmp_path):
+@pytest.fixture(scope="module")
+def sync_bn_run(tmp_path_factory):
+    """sync_bn_worker.py run once by torchrun with 2 gloo processes: the folder of their rank{0,1}.pt."""
+    out = tmp_path_factory.mktemp("sync_bn")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           os.path.join(ROOT, "tests", "sync_bn_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sync_batch_norm_over_two_processes_equals_batch_norm_over_the_whole_batch(sync_bn_run):
     # float64, so that the comparison is exact up to rounding (64 channels: with 32, GroupNorm(32) has one
     # channel a group and 1e-12 at the input moves the gradients by 1e-3): gradients of every parameter and the
     # running statistics of 2 ranks x 2 images equal those of one process with the 4 images
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-           os.path.join(ROOT, "tests", "sync_bn_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     cfg = M.ModelConfig(num_classes=3, arch="resnet18", norm="bn", freeze_at=0, channels=64, head_norm="gn")
     net = M.RetinaNet(cfg).double()
     out = net(torch.randn(4, 3, 64, 64, dtype=torch.float64))
     (sum(o.square().sum() for o in out) / 2).backward()
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        got = torch.load(sync_bn_run / f"rank{rank}.pt", weights_only=True)
         for n, p in net.named_parameters():
             assert (got["grads"][n] - p.grad).norm() <= 1e-9 * p.grad.norm(), n  # measured: ~1e-11
         for n, b in net.named_buffers():
             assert (got["buffers"][n] - b).float().norm() <= 1e-9 * b.float().norm(), n
+
+
+def test_sync_batch_norm_over_images_of_different_sizes_uses_every_value_once(sync_bn_run):
+    """The second half of sync_bn_worker.py: one layer, rank 0 with (2, 3, 5, 7), rank 1 with (1, 3, 6, 4)
+    inputs. Oracle: batch norm written out over the values of both, gradients by autograd."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((2, 3, 5, 7), (1, 3, 6, 4))]
+    ws = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in xs]
+    xs = [x.requires_grad_() for x in xs]
+    values = torch.cat([x.transpose(0, 1).reshape(3, -1) for x in xs], 1)  # (C, all values)
+    mean, var = values.mean(1), values.var(1, unbiased=False)
+    ys = [(x - mean[:, None, None]) / (var[:, None, None] + 1e-5).sqrt() for x in xs]
+    sum((y * w).sum() for y, w in zip(ys, ws)).backward()
+    n = values.shape[1]
+    for rank in (0, 1):
+        got = torch.load(sync_bn_run / f"rank{rank}.pt", weights_only=True)["sizes"]
+        torch.testing.assert_close(got["y"], ys[rank].detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["x_grad"], xs[rank].grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["running_mean"], 0.1 * mean.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["running_var"], 0.9 + 0.1 * var.detach() * n / (n - 1), rtol=1e-10, atol=1e-12)

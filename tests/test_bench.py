@@ -37,10 +37,18 @@ def test_loss_check_holds_under_autocast_and_catches_a_changed_weight():
 def test_cuda_device_is_made_current_with_tf32_off(monkeypatch):
     # --device cuda:1 synchronised and measured memory on cuda:0, and TF32 convs (~1e-3) failed "same detections"
     chosen, before = [], (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)  # no GPU here: record what would be made current
+
+    def set_device(device):  # no GPU here: record what would be made current, refusing what torch refuses
+        if torch.device(device).index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+        chosen.append(device)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     try:
         assert bench.setup_device("cuda:1") == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
+        assert bench.setup_device("cuda") == torch.device("cuda:0") and chosen[-1] == torch.device("cuda:0")
         assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
-    assert bench.setup_device("cpu") == torch.device("cpu") and len(chosen) == 1
+    assert bench.setup_device("cpu") == torch.device("cpu") and len(chosen) == 2

@@ -157,3 +157,17 @@ def test_aspect_grouping_and_padding_to_32_cut_the_padding_of_coco_batches():
           f"{grouped_32:.3f} grouped at 32, {ratio(False, 32):.3f} ungrouped at 32")
     assert grouped_32 < grouped_128 < before
     assert grouped_32 < 1.1
+
+
+def test_write_atomic_never_leaves_a_half_written_file(tmp_path):
+    path = str(tmp_path / "results.json")
+    D.write_json(path, {"a": 1})
+
+    def interrupted(tmp):  # a write that dies half-way (a full disk, a kill)
+        with open(tmp, "w") as f:
+            f.write('{"a": 2, "b"')
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        D.write_atomic(path, interrupted)
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]  # the old file, whole

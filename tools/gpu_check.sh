@@ -25,7 +25,7 @@ else 'no CUDA device', '|', torch.cuda.device_count(), 'GPU(s)')" | tee "$OUT/su
 
 schedule() { echo "--iters $1 --steps $(($1 * 3 / 4)) $(($1 * 9 / 10)) --warmup-iters $(($1 / 10 + 1))"; }
 train() { local out=$1 iters=$2; shift 2; $PY train.py --device "$DEVICE" $(schedule "$iters") --no-eval --out "$OUT/$out" "$@"; }
-speed() { $PY -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]
+speed() { $PY -c "import json, sys; r = [r for l in open(sys.argv[1]) if 'loss' in (r := json.loads(l))][-1]
 print(f\"{r['img_per_s']} img/s, loss {r['loss']:.3f} at iteration {r['iter']}\")" "$OUT/$1/metrics.jsonl"; }
 report() {  # report NAME STATUS DETAIL
   local line
@@ -37,18 +37,23 @@ same_weights() {  # max |a - b| over every weight of two checkpoints
 a, b = (torch.load(p, map_location='cpu', weights_only=True)['model'] for p in sys.argv[1:])
 print(max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()))" "$@"
 }
-killed_and_resumed() {  # NAME ITERS FLAGS...: kill -9 a run after its checkpoint at ITERS/2, resume it to the end
+killed_and_resumed() {  # NAME ITERS FLAGS...: kill -9 a run once its checkpoint at ITERS/2 is written, resume it
   local name=$1 iters=$2; shift 2
-  local every=$(( iters / 4 > 0 ? iters / 4 : 1 ))
-  train "$name" "$iters" --ckpt-every $every "$@" > "$OUT/$name.first.log" 2>&1 &
-  local pid=$! ck="$OUT/$name/checkpoint.pt"
-  for _ in $(seq 600); do
-    if [ -f "$ck" ] && $PY -c "import sys, torch; sys.exit(torch.load('$ck', weights_only=True)['iteration'] < $((iters / 2)))" 2>/dev/null
-    then break; fi
-    sleep 0.5
+  local every=$((iters / 4 > 0 ? iters / 4 : 1)) half=$((iters / 2 > 0 ? iters / 2 : 1))
+  local flags=(--device "$DEVICE" $(schedule "$iters") --no-eval --out "$OUT/$name" --log-every 1 --ckpt-every "$every")
+  $PY train.py "${flags[@]}" "$@" > "$OUT/$name.first.log" 2>&1 &  # python itself, so that kill -9 reaches it
+  local pid=$!
+  for _ in $(seq 3000); do  # rows are logged before the checkpoint of their iteration: row half + 1 follows it
+    kill -0 $pid 2>/dev/null || break
+    [ -f "$OUT/$name/metrics.jsonl" ] && [ "$(grep -c '"loss"' "$OUT/$name/metrics.jsonl")" -gt "$half" ] && break
+    sleep 0.05
   done
   kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
-  train "$name" "$iters" --ckpt-every $every --resume "$@"
+  $PY train.py "${flags[@]}" --resume "$@" || return 1
+}
+rows_once() {  # metrics.jsonl has iterations 1..N once each
+  $PY -c "import json, sys; rows = [json.loads(l)['iter'] for l in open(sys.argv[1]) if '\"loss\"' in l]
+sys.exit(rows != list(range(1, int(sys.argv[2]) + 1)))" "$OUT/$1/metrics.jsonl" "$2"
 }
 
 train fp32 "$ITERS" > "$OUT/fp32.log" 2>&1; report fp32 $? "quick start, float32, layout auto (NHWC on CUDA): $(speed fp32)"
@@ -60,20 +65,21 @@ report amp_nhwc $? "--amp --layout nhwc: $(speed amp_nhwc)"
 
 for mode in deterministic default; do
   flags=(); [ $mode = deterministic ] && flags=(--deterministic)
-  train "straight_$mode" "$SHORT" --ckpt-every $(( SHORT / 4 > 0 ? SHORT / 4 : 1 )) "${flags[@]}" > "$OUT/straight_$mode.log" 2>&1
+  train "straight_$mode" "$SHORT" --log-every 1 "${flags[@]}" > "$OUT/straight_$mode.log" 2>&1
   killed_and_resumed "resumed_$mode" "$SHORT" "${flags[@]}" > "$OUT/resume_$mode.log" 2>&1
   status=$?
+  at=$(grep -Eo "resumed from .* at iteration [0-9]+" "$OUT/resume_$mode.log" | grep -Eo "[0-9]+$")
+  [ -n "$at" ] && [ "$at" -lt "$SHORT" ] || { status=1; echo "the kill came too late: resumed at '$at'" >> "$OUT/resume_$mode.log"; }
+  rows_once "resumed_$mode" "$SHORT" || { status=1; echo "metrics.jsonl: not iterations 1..$SHORT once each" >> "$OUT/resume_$mode.log"; }
   diff=$(same_weights "$OUT/straight_$mode/checkpoint.pt" "$OUT/resumed_$mode/checkpoint.pt" 2>>"$OUT/resume_$mode.log")
-  rows=$($PY -c "import json; print([json.loads(l)['iter'] for l in open('$OUT/resumed_$mode/metrics.jsonl')] == \
-list(range(20, $SHORT + 1, 20)) + ([$SHORT] if $SHORT % 20 else []))" 2>/dev/null)
   if [ $mode = deterministic ] && [ "$diff" != "0.0" ]; then status=1; echo "weights differ by $diff" >> "$OUT/resume_$mode.log"; fi
-  report "resume_$mode" $status "kill -9 + --resume vs uninterrupted (${flags[*]:-no flag}): max |weight difference| $diff; \
-metrics rows once each: $rows; $(speed "straight_$mode")"
+  report "resume_$mode" $status "kill -9 at iteration ${at:-?} of $SHORT + --resume vs uninterrupted (${flags[*]:-no flag}): \
+max |weight difference| $diff, metrics rows once each; $(speed "straight_$mode")"
 done
 
-$PY -m torch.distributed.run --nproc_per_node="$NGPU" train.py --device "$DEVICE" $(schedule 40) --no-eval \
-  --out "$OUT/torchrun" > "$OUT/torchrun.log" 2>&1
-report torchrun $? "torchrun --nproc_per_node=$NGPU (NCCL, SyncBatchNorm$([ "$NGPU" = 1 ] && echo ' with one process: its all-reduce is not exercised')): $(speed torchrun)"
+$PY -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train.py --device "$DEVICE" $(schedule 40) \
+  --batch-size $((2 * NGPU)) --no-eval --out "$OUT/torchrun" > "$OUT/torchrun.log" 2>&1
+report torchrun $? "torchrun --nproc_per_node=$NGPU, 2 images each (NCCL, SyncBatchNorm$([ "$NGPU" = 1 ] && echo ' with one process: its all-reduce is not exercised')): $(speed torchrun)"
 $PY train.py --eval-only --weights "$OUT/fp32/checkpoint.pt" --device "$DEVICE" --out "$OUT/eval" > "$OUT/eval.log" 2>&1
 report eval $? "--eval-only on the GPU: $(tail -1 "$OUT/eval.log" | cut -c1-80)"
 $PY infer.py data/shapes/val/000001.jpg data/shapes/val/000002.jpg --weights "$OUT/fp32/checkpoint.pt" \
