@@ -13,7 +13,7 @@ Shape legend: N images, R anchors, K classes, M boxes per image.
 """
 import torch
 import torch.nn.functional as F
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, nms
 
 import anchors as A
 
@@ -96,6 +96,62 @@ def box_loss(kind, deltas, anchors, boxes, beta=0.11):
     raise ValueError(f"box loss must be 'smooth_l1', 'l1' or 'giou', got {kind!r}")
 
 
+OHEM_BATCH, OHEM_NMS = 128, 0.5  # Table 1d's best OHEM 1:3 row: 128 examples an image, NMS at 0.5
+
+
+def ohem_select(hardness, fg, keep, anchors, ratio=3, batch=OHEM_BATCH, nms_thresh=OHEM_NMS):
+    """OHEM's examples as Table 1d builds them, per image: every example (anchor outside the ignore band)
+    scored by its loss, NMS at nms_thresh over the anchor boxes, then the hardest at most batch/(1+ratio)
+    positives and ratio negatives for each of them (at least `ratio` when an image has no positive).
+    hardness (N, R), fg and keep (N, R) bool, anchors (R, 4). Returns (N, R) bool."""
+    chosen = torch.zeros_like(fg)
+    for n in range(len(fg)):
+        candidates = keep[n].nonzero().squeeze(1)
+        survivors = candidates[nms(anchors[candidates], hardness[n, candidates], nms_thresh)]  # hardest first
+        pos = survivors[fg[n, survivors]][: batch // (1 + int(ratio))]
+        neg = survivors[~fg[n, survivors]][: min(batch - len(pos), int(ratio * max(1, len(pos))))]
+        chosen[n, pos], chosen[n, neg] = True, True
+    return chosen
+
+
+BANDS = (0.5, 0.9, 0.99)  # the p_t edges of the negative bands loss_shares reports
+
+
+def loss_shares(z_pos, z_neg, gamma, alpha=None, neg_weight=1.0, edges=BANDS):
+    """Where FL and its gradient go (§3.2's argument, measured): the share of the classification loss and
+    of Σ|∂FL/∂z| carried by the positive samples and by the negatives in each band of p_t = sigmoid(z),
+    z each sample's true-class logit (x for a positive, -x for a negative). neg_weight: how many
+    negatives each given one stands for (a uniform sample). Returns {"loss": {band: share}, "grad": ...}."""
+    out = {}
+    for name, z, t in (("pos", z_pos, 1.0), ("neg", z_neg, 0.0)):
+        x = torch.as_tensor(z, dtype=torch.float64).flatten() * (1 if t else -1)  # back to the logit
+        loss, grad = torch.empty_like(x), torch.empty_like(x)
+        _focal_chunk(x, torch.full_like(x, t), alpha, float(gamma), loss, grad)
+        out[name] = (x * (1 if t else -1), loss, grad.abs())
+    z, loss, grad = out["neg"]
+    p_t = torch.sigmoid(z)
+    names = [f"negatives p_t <= {edges[0]:g}"] + [f"negatives {a:g} < p_t <= {b:g}" for a, b in zip(edges, edges[1:])]
+    masks = [p_t <= edges[0]] + [(p_t > a) & (p_t <= b) for a, b in zip(edges, edges[1:])]
+    names, masks = names + [f"negatives p_t > {edges[-1]:g}"], masks + [p_t > edges[-1]]
+    shares = {}
+    for key, values in (("loss", loss), ("grad", grad)):
+        parts = {"positives": out["pos"][1 if key == "loss" else 2].sum().item()}
+        parts.update({n: neg_weight * values[m].sum().item() for n, m in zip(names, masks)})
+        total = sum(parts.values()) or 1.0
+        shares[key] = {n: v / total for n, v in parts.items()}
+    return shares
+
+
+@torch.no_grad()
+def batch_shares(cls_logits, anchors, gt_boxes, gt_labels, fg_iou=0.5, bg_iou=0.4):
+    """loss_shares of a training batch's samples outside the ignore band, under CE and under FL (γ = 2,
+    α = .25), whatever loss trains it: where each loss would put the weight, logged during training."""
+    _, _, targets, keep = assign_targets(anchors, gt_boxes, gt_labels, cls_logits.shape[-1], fg_iou, bg_iou)
+    x, targets, keep = cls_logits.float(), targets.bool(), keep.unsqueeze(-1)
+    z_pos, z_neg = x[targets & keep], -x[~targets & keep]
+    return {"CE": loss_shares(z_pos, z_neg, 0.0), "FL": loss_shares(z_pos, z_neg, 2.0, 0.25)}
+
+
 def check_targets(boxes, labels, valid, num_classes):
     """ValueError naming the first bad box of a padded batch: NaN/inf, x2 < x1, y2 < y1, bad label."""
     finite = torch.isfinite(boxes).all(dim=-1)
@@ -139,7 +195,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, *, alph
     cls_logits (N, R, K) and box_deltas (N, R, 4) as the model returns them; anchors (R, 4);
     gt_boxes / gt_labels: per-image lists of (M_i, 4) xyxy boxes and (M_i,) labels in [0, K).
     An image with no boxes contributes only background loss. ohem_ratio > 0 replaces "all anchors"
-    by online hard example mining (Table 1d). reduce_num_fg, if given, maps the local foreground
+    by online hard example mining (Table 1d, ohem_select; the box loss stays on every foreground
+    anchor, and the divisor is the same). reduce_num_fg, if given, maps the local foreground
     count to the one to divide by (train.py all-reduces it across GPUs).
     Both losses are computed in float32, also under autocast.
     """
@@ -157,12 +214,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, *, alph
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     cls = _SigmoidFocalLoss.apply(cls_logits.float(), targets, alpha, float(gamma), ~keep)  # (N, R, K)
-    if ohem_ratio:  # OHEM baseline (§5.1, Table 1d): all positives and the hardest negatives, 1:ohem_ratio
-        hardness = cls.detach().sum(-1).masked_fill(fg | ~keep, -1.0).flatten()  # (N*R,), negatives only
-        num_neg = min(int(ohem_ratio * max(1, int(fg.sum()))), int((hardness >= 0).sum()))
-        chosen = fg.flatten().clone()
-        chosen[hardness.topk(num_neg).indices] = True
-        cls = cls * chosen.view(N, -1, 1)
+    if ohem_ratio:  # OHEM baseline (§5.1, Table 1d): a minibatch of the hardest examples of each image
+        cls = cls * ohem_select(cls.detach().sum(-1), fg, keep, anchors, ohem_ratio).unsqueeze(-1)
     cls = cls.sum()
 
     # Box regression on foreground anchors only.

@@ -16,6 +16,7 @@ trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images.
 import argparse
 import bisect
 import json
+import math
 import os
 import time
 from functools import partial
@@ -28,9 +29,10 @@ import backbone as B
 import checkpoint as C
 import data as D
 import model as M
+import pretrain
 import shapes
 from evaluate import evaluate
-from loss import retinanet_loss
+from loss import batch_shares, retinanet_loss
 
 PAPER = dict(arch="resnet50", norm="frozen", freeze_at=2, backbone_weights="imagenet", channels=256, head_norm=None,
              anchor_sizes=[32, 64, 128, 256, 512], min_size=800, max_size=1333, batch_size=16, lr=0.01, iters=90000,
@@ -40,12 +42,20 @@ QUICKSTART = dict(arch="resnet18", norm="bn", freeze_at=0, backbone_weights="non
                   anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=1000,
                   steps=[750, 900], warmup_iters=100, ckpt_every=250, workers=1, train_split="train",
                   val_split="val", out="runs/quickstart", size_divisible=32)  # 160 px: 32 saves 2.5x the pixels of 256
+# The dense set (shapes.make_dense): 30 classes among look-alikes, COCO's imbalance (analyze.py ablate). As
+# the paper fine-tunes an ImageNet ResNet with frozen BN, a ResNet-18 pretrained on the set's crops (pretrain.py)
+DENSE = dict(QUICKSTART, norm="frozen", freeze_at=2, backbone_weights=pretrain.WEIGHTS, min_size=192, max_size=192,
+             batch_size=8, iters=800, steps=[600, 720], ckpt_every=200, out="runs/dense")
+PRESETS = {"paper": PAPER, "quickstart": QUICKSTART, "dense": DENSE}
+SYNTHETIC = {"quickstart": ("data/shapes", shapes.make_shapes), "dense": ("data/dense", shapes.make_dense)}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", help="COCO-format root (annotations/instances_{split}.json, {split}/); none: the shapes quick start")
+    a("--preset", choices=list(PRESETS), help="defaults of the flags below: paper (with --data), quickstart "
+      "(without), dense (the dense set, data/dense)")
     a("--train-ann"), a("--train-images"), a("--val-ann"), a("--val-images")  # custom layouts
     for key, paper in PAPER.items():  # default: the paper's value with --data, the quick start's without
         value = QUICKSTART[key] if paper is None else paper
@@ -70,6 +80,7 @@ def get_args_parser():
       help="batch landscape with landscape and portrait with portrait images (less padding)")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=20)
+    a("--eval-at", type=int, nargs="+", default=[], help="also evaluate at these iterations (AP against iterations)")
     a("--finetune", help="start from a checkpoint of this project, or 'torchvision' / 'torchvision-v2'")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--eval-only", action="store_true", help="evaluate --weights on the val split")
@@ -79,11 +90,13 @@ def get_args_parser():
 
 
 def fill_defaults(args):
-    preset = PAPER if args.data else QUICKSTART
-    for k, v in preset.items():
+    args.preset = args.preset or ("paper" if args.data else "quickstart")
+    if args.preset == "paper" and not args.data:
+        raise ValueError("--preset paper needs --data (a COCO-format root)")
+    for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.data = args.data or "data/shapes"
+    args.data = args.data or SYNTHETIC[args.preset][0]
     args.head_norm = None if args.head_norm == "none" else args.head_norm
     args.iters, args.steps = round(args.iters * args.schedule), [round(s * args.schedule) for s in args.steps]
     return args
@@ -150,9 +163,10 @@ def main(args):
         print0("--amp needs CUDA: training in float32")
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    if args.data == "data/shapes" and not os.path.exists(D.coco_paths(args.data, "val")[0]) and local == 0:
-        print0("writing the shapes set to data/shapes (once) ...")  # once a node: nodes need not share a disk
-        shapes.make_shapes(args.data)
+    path, make = SYNTHETIC.get(args.preset, (None, None))
+    if args.data == path and not os.path.exists(D.coco_paths(args.data, "val")[0]) and local == 0:
+        print0(f"writing the {args.preset} set to {path} (once) ...")  # once a node: nodes need not share a disk
+        make(path)
     if ddp:
         dist.barrier()
 
@@ -165,6 +179,8 @@ def main(args):
         return {"model": model, "stats": stats}
 
     train_ds, val_ds = datasets(args)
+    if args.backbone_weights == pretrain.WEIGHTS and not os.path.exists(pretrain.WEIGHTS):
+        raise FileNotFoundError(f"{pretrain.WEIGHTS}: no pretrained backbone yet; `python pretrain.py` makes it")
     model = build_model(args, train_ds, device)
     cfg = model.cfg
     if ddp and cfg.norm == "bn":  # trainable BN: normalise over all processes' images, as one process would
@@ -204,7 +220,7 @@ def main(args):
             x = x / world
         return x
 
-    anchor_cache, last_good, t0, pixels = {}, None, time.time(), [0, 0]  # [in batches, of the images]
+    anchor_cache, last_good, t0, pixels, stats = {}, None, time.time(), [0, 0], None  # pixels: in batches, of images
     bar = tqdm(total=args.iters, initial=start, disable=rank != 0, dynamic_ncols=True)
     model.train()
     for it, (images, targets) in zip(range(start, args.iters), loader):
@@ -219,33 +235,45 @@ def main(args):
                                 [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets],
                                 reduce_num_fg=all_reduce_mean, **cfg.loss_args())
         loss = losses["cls"] + losses["box"]
-        logged = all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach())
-        where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
-        if not torch.isfinite(logged).all():  # every rank sees the same reduced value and stops together
-            raise FloatingPointError(f"iteration {it}: loss is {logged[0].item()}; stopped. Last good checkpoint: "
-                                     f"{where}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        # A finite loss can still have non-finite gradients. Under AMP the scaler skips such steps and
-        # lowers its scale (its job); in float32 the step would write NaN into every weight. DDP has
-        # averaged the gradients already, so every rank sees the same norm and stops together.
-        grad_norm = None if amp else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if grad_norm is not None and not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"iteration {it}: gradient norm is {grad_norm.item()} with a finite loss "
-                                     f"({logged[0].item():.4g}); stopped. Last good checkpoint: {where}")
+        # A non-finite loss, or a finite loss with non-finite gradients, stops the run before the step
+        # writes NaN into every weight. Under AMP the scaler skips steps with non-finite gradients and
+        # lowers its scale (its job), so only the loss is checked there. The loss is all-reduced and DDP
+        # has averaged the gradients: every rank sees the same numbers and stops together.
+        grads = [] if amp else [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        loss_value, cls_value, box_value, grad_norm = torch.cat([  # one device sync for all four
+            all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach()), norm.reshape(1)]).tolist()
+        where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"iteration {it}: loss is {loss_value}; stopped. Last good checkpoint: {where}")
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"iteration {it}: gradient norm is {grad_norm} with a finite loss "
+                                     f"({loss_value:.4g}); stopped. Last good checkpoint: {where}")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         done = it + 1
         if rank == 0 and (done % args.log_every == 0 or done == args.iters):
             speed = (done - start) * args.batch_size / (time.time() - t0)
-            row = {"iter": done, "loss": logged[0].item(), "cls": logged[1].item(), "box": logged[2].item(),
+            row = {"iter": done, "loss": loss_value, "cls": cls_value, "box": box_value,
                    "lr": scheduler.get_last_lr()[0], "img_per_s": float(f"{speed:.3g}"),
                    "pixels_per_image_pixel": round(pixels[0] / pixels[1], 4)}  # 1.0: no padding
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.4f}", img_s=f"{speed:.1f}")
         bar.update(1)
+        if done in args.eval_at or (done == args.iters and not args.no_eval):  # AP against iterations
+            t_eval = time.time()
+            stats = evaluate(model, val_ds, rank=rank, world=world, workers=min(args.workers, 2),
+                             out_dir=args.out if done == args.iters else None)
+            t0 += time.time() - t_eval  # images/s counts training time only
+            if rank == 0:  # and where this batch's CE and FL would put the loss and its gradient (§3.2)
+                shares = batch_shares(cls_logits, anchor_cache[x.shape[-2:]], [t["boxes"].to(device) for t in targets],
+                                      [t["labels"].to(device) for t in targets], cfg.fg_iou, cfg.bg_iou)
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"iter": done, "eval": stats, "shares": shares}) + "\n")
         if done % args.ckpt_every == 0 or done == args.iters:
             C.check_finite(model, done, where)  # on every rank: the weights are the same on all
             if rank == 0:
@@ -256,11 +284,10 @@ def main(args):
         C.plot_losses(args.out)
     print0(f"trained {args.iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}; "
            f"{pixels[0] / max(pixels[1], 1):.3f} batch pixels per image pixel (padding)")
-    stats = None
-    if not args.no_eval:
+    if start == args.iters and not args.no_eval:  # resumed after the last iteration: only the evaluation is left
         stats = evaluate(model, val_ds, rank=rank, world=world, out_dir=args.out, workers=min(args.workers, 2))
-        if stats:
-            print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
+    if not args.no_eval and stats:
+        print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
     if ddp:
         dist.destroy_process_group()
     return {"model": model, "stats": stats}

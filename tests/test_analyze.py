@@ -10,6 +10,7 @@ from PIL import Image
 
 import analyze
 import data as D
+import fig4
 import model as M
 from conftest import shared_path
 from loss import retinanet_loss
@@ -39,14 +40,14 @@ def test_negative_gamma_is_refused():
 def run(tiny_checkpoint, tiny_shapes):
     model = M.load_checkpoint(tiny_checkpoint)
     ds = analyze.dataset(tiny_shapes, "val", model.cfg, train_like=True)
-    return model, ds, analyze.collect_logits(model, ds, batch_size=2, progress=lambda it, total: it)
+    return model, ds, fig4.collect_logits(model, ds, batch_size=2, progress=lambda it, total: it)
 
 
 def test_cdfs_are_monotone_and_end_at_one(run):
     _, _, logits = run
     for kind in ("pos", "neg"):
         for gamma in analyze.GAMMAS:
-            x, y, shares = analyze.cdf(logits[kind], gamma)
+            x, y, shares = fig4.cdf(logits[kind], gamma)
             assert y[0] == 0 and y[-1] == pytest.approx(1.0) and (np.diff(y) >= -1e-12).all()
             assert 0 <= shares["hardest 1%"] <= shares["hardest 20%"] <= 1
 
@@ -56,7 +57,7 @@ def test_gamma_zero_losses_are_the_cross_entropy_training_computes(run):
     sum over the same images: the same anchors, assigned the same way."""
     model, ds, logits = run
     cfg = model.cfg
-    ours = analyze.focal_values(logits["pos"], 0).sum() + analyze.focal_values(logits["neg"], 0).sum()
+    ours = fig4.focal_values(logits["pos"], 0).sum() + fig4.focal_values(logits["neg"], 0).sum()
     expected, num_fg = 0.0, []
     for start in range(0, len(ds), 2):
         images, targets = D.collate([ds[i] for i in range(start, min(start + 2, len(ds)))], cfg.size_divisible)
@@ -75,7 +76,7 @@ def test_hardest_shares_of_a_hand_made_set():
     ce = np.array([1.0] * 98 + [10.0, 30.0])  # CE of 100 negatives; the hardest one carries 30 / 138
     z = -np.log(np.expm1(ce))  # softplus(-z) = CE
     z = -np.sort(-z)  # easy first, as collect_logits sorts
-    _, y, shares = analyze.cdf(z, gamma=0.0)
+    _, y, shares = fig4.cdf(z, gamma=0.0)
     assert shares["hardest 1%"] == pytest.approx(30 / 138, rel=1e-5)
     assert shares["hardest 20%"] == pytest.approx((18 + 40) / 138, rel=1e-5)
 
@@ -83,13 +84,13 @@ def test_hardest_shares_of_a_hand_made_set():
 def test_cache_reproduces_the_model_run(run, tmp_path, monkeypatch):
     model, ds, logits = run
     cache = str(tmp_path / "cache.npz")
-    fresh = analyze.load_or_collect(model, ds, cache, "key-1", batch_size=2, progress=lambda it, total: it)
-    monkeypatch.setattr(analyze, "collect_logits", lambda *a, **kw: pytest.fail("the model ran again"))
-    cached = analyze.load_or_collect(model, ds, cache, "key-1")
+    fresh = fig4.load_or_collect(model, ds, cache, "key-1", batch_size=2, progress=lambda it, total: it)
+    monkeypatch.setattr(fig4, "collect_logits", lambda *a, **kw: pytest.fail("the model ran again"))
+    cached = fig4.load_or_collect(model, ds, cache, "key-1")
     for kind in ("pos", "neg"):
         assert np.array_equal(cached[kind], fresh[kind]) and np.array_equal(cached[kind], logits[kind])
     with pytest.raises(pytest.fail.Exception):  # another checkpoint or dataset: a new model run
-        analyze.load_or_collect(model, ds, cache, "key-2")
+        fig4.load_or_collect(model, ds, cache, "key-2")
 
 
 def test_anchor_coverage_of_hand_made_boxes(tmp_path):
@@ -128,17 +129,71 @@ def test_checkpoint_classes_must_match_the_dataset(tiny_checkpoint, tmp_path):
 def test_empty_dataset_is_an_error(run):
     model, ds, _ = run
     with pytest.raises(ValueError, match="no images"):
-        analyze.collect_logits(model, ds, max_images=0)
+        fig4.collect_logits(model, ds, max_images=0)
 
 
-def test_eval_and_a_small_ablation(tiny_shapes, tiny_checkpoint, tmp_path):
+def test_eval(tiny_shapes, tiny_checkpoint, tmp_path):
     stats = analyze.main(args("eval", "--weights", tiny_checkpoint, "--data", tiny_shapes, "--out", tmp_path))
     assert json.load(open(tmp_path / "eval.json")) == stats
-    flags = ("--arch resnet18 --norm bn --freeze-at 0 --backbone-weights none --channels 64 --head-norm gn "
-             "--min-size 96 --max-size 96 --size-divisible 32 --anchor-sizes 16 32 64 128 256 --batch-size 2 "
-             "--workers 0 --train-split train --val-split val --warmup-iters 1")
-    rows = analyze.main(args("ablate", "--iters", 2, "--variants", "b", "f", "--data", tiny_shapes,
-                             "--out", tmp_path, f"--train-args={flags}"))
-    assert set(rows) == {"b", "f"} and all("AP" in r for r in rows.values())
-    table = json.load(open(tmp_path / "ablate.json"))["markdown"]
-    assert "OHEM 1:3" in table and "CE, prior" in table
+
+
+TINY = ("--arch resnet18 --norm bn --freeze-at 0 --backbone-weights none --channels 64 --head-norm gn "
+        "--min-size 96 --max-size 96 --size-divisible 32 --anchor-sizes 16 32 64 128 256 --batch-size 2 "
+        "--workers 0 --train-split train --val-split val --warmup-iters 1")
+
+
+def test_ablation_aggregates_seeds_and_resumes_a_killed_study(tiny_shapes, tmp_path, capsys):
+    study = args("ablate", "--iters", 4, "--variants", "b", "f", "--seeds", 2, "--data", tiny_shapes,
+                 "--out", tmp_path, f"--train-args={TINY}")
+    table = analyze.main(study)
+    runs = table["runs"]
+    assert [len(runs["b"]), len(runs["f"])] == [2, 1]  # (b) is a main row: --seeds; (f) --other-seeds
+    aps = [r["stats"]["AP"] for r in runs["b"]]
+    mean, std = table["rows"]["b"]["AP"]
+    assert mean == pytest.approx(np.mean(aps)) and std == pytest.approx(np.std(aps, ddof=1))
+    assert [row["iter"] for row in runs["b"][0]["curve"]] == [1, 2, 3, 4]  # AP against iterations
+    assert set(runs["b"][0]["curve"][0]["shares"]) == {"CE", "FL"}
+    md = json.load(open(tmp_path / "ablate.json"))["markdown"]
+    assert "Table 1d, OHEM 1:3" in md and "Table 1a, α = .5 (CE)" in md and " ± " in md
+    # a study killed in its last run: that run's result is gone, its checkpoint (iteration 2) is there
+    study_dir = tmp_path / "ablate" / "quickstart-4" / "shapes"  # recipe-iterations / level
+    last = study_dir / "f" / "seed0"
+    os.remove(last / "result.json")
+    ckpt = torch.load(last / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "iteration": 2}, last / "checkpoint.pt")  # as if killed after the checkpoint at 2
+    done = os.path.getmtime(study_dir / "b" / "seed0" / "result.json")
+    capsys.readouterr()
+    again = analyze.main(study)
+    assert f"resumed from {last / 'checkpoint.pt'} at iteration 2" in capsys.readouterr().out
+    assert os.path.getmtime(study_dir / "b" / "seed0" / "result.json") == done  # not rerun
+    assert again["rows"]["b"] == table["rows"]["b"]
+    assert [row["iter"] for row in again["runs"]["f"][0]["curve"]] == [4]  # (f): the final evaluation, once
+
+
+def test_collected_samples_do_not_depend_on_the_batch_size(tiny_checkpoint):
+    # images of two sizes: a batch pads the smaller, and anchors over that padding are not the image's
+    model = M.load_checkpoint(tiny_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    ds = [((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8),
+           {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1])})
+          for h, w in ((96, 96), (64, 128), (96, 64))]
+    one = fig4.collect_logits(model, ds, batch_size=1, progress=lambda it, total: it)
+    three = fig4.collect_logits(model, ds, batch_size=3, progress=lambda it, total: it)
+    for kind in ("pos", "neg"):
+        np.testing.assert_allclose(one[kind], three[kind], rtol=1e-4, atol=1e-4)
+
+
+def test_negatives_beyond_the_cap_are_a_uniform_sample_of_all():
+    sample = fig4.UniformSample(cap=10_100, seed=0)
+    sample.add(torch.zeros(20_000))  # a batch with many negatives
+    sample.add(torch.ones(200))  # one with few: a cap per batch would keep all of them
+    kept = sample.result()
+    assert len(kept) == 10_100 and sample.seen == 20_200
+    assert 70 <= int(kept.sum()) <= 130  # half of the 200, as half of everything
+
+
+def test_anchor_coverage_defaults_to_the_datasets_own_configuration(tiny_shapes):
+    name, cfg = analyze.preset_config(tiny_shapes, "val")
+    assert name == "quickstart" and cfg.anchor_sizes == (16, 32, 64, 128, 256) and cfg.min_size == 160
+    name, cfg = analyze.preset_config(shared_path("coco_val2017_subset"), "val2017")
+    assert name == "paper" and cfg.anchor_sizes == (32, 64, 128, 256, 512) and cfg.min_size == 800

@@ -10,6 +10,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resne
 from torchvision.ops import sigmoid_focal_loss
 
 import anchors as A
+import loss as L
 import model as M
 from loss import focal_loss, retinanet_loss
 
@@ -236,3 +237,38 @@ def test_bad_targets_raise_value_error_saying_where(box, label, message):
     boxes[1], labels[1] = torch.tensor([box]), torch.tensor([label])
     with pytest.raises(ValueError, match=message):
         retinanet_loss(cls_logits, deltas, anchors, boxes, labels)
+
+
+def test_loss_shares_by_hand():
+    # one positive at p_t = .5 and negatives at p_t = .9 and .99 (z = log(p_t / (1 - p_t)))
+    z_pos, z_neg = [0.0], [math.log(9), math.log(99)]
+    for gamma in (0.0, 2.0):
+        fl = [(1 - p) ** gamma * -math.log(p) for p in (0.5, 0.9, 0.99)]  # Eq. 4
+        dfl = [(1 - p) ** gamma * (1 - p - gamma * p * math.log(p)) for p in (0.5, 0.9, 0.99)]  # |dFL/dz|
+        shares = L.loss_shares(z_pos, z_neg, gamma)
+        for key, values in (("loss", fl), ("grad", dfl)):
+            got = shares[key]
+            assert got["positives"] == pytest.approx(values[0] / sum(values))
+            assert got["negatives 0.5 < p_t <= 0.9"] == pytest.approx(values[1] / sum(values))  # p_t = .9: <= .9
+            assert got["negatives 0.9 < p_t <= 0.99"] == pytest.approx(values[2] / sum(values))
+            assert got["negatives p_t <= 0.5"] == got["negatives p_t > 0.99"] == 0
+    ce = L.loss_shares(z_pos, z_neg, 0.0, neg_weight=10)  # each negative stands for ten
+    assert ce["loss"]["positives"] == pytest.approx(math.log(2) / (math.log(2) - 10 * math.log(0.9 * 0.99)))
+    alpha = L.loss_shares(z_pos, z_neg, 0.0, alpha=0.25)  # alpha .25 on the positive, .75 on negatives
+    pos, neg = 0.25 * math.log(2), -0.75 * math.log(0.9 * 0.99)
+    assert alpha["loss"]["positives"] == pytest.approx(pos / (pos + neg))
+
+
+def test_ohem_takes_the_hardest_examples_of_each_image_after_nms_one_to_three():
+    anchors = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60], [100, 100, 110, 110],
+                            [200, 200, 210, 210], [300, 0, 310, 10], [0, 300, 10, 310]], dtype=torch.float32)
+    hardness = torch.tensor([[5.0, 9.0, 1.0, 4.0, 3.0, 2.0, 0.5],  # anchor 1 overlaps 0 (IoU .82): NMS drops 0
+                             [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    fg = torch.tensor([[False, False, True, False, False, False, False], [False] * 7])
+    keep = torch.tensor([[True] * 6 + [False], [True] * 7])
+    chosen = L.ohem_select(hardness, fg, keep, anchors, ratio=3, batch=128)
+    # image 0: its positive and the three hardest negatives that survive NMS (1, 3, 4), never the ignored 6
+    assert chosen[0].nonzero().squeeze(1).tolist() == [1, 2, 3, 4]
+    assert chosen[1].sum() == 3  # no positive: still `ratio` negatives
+    small = L.ohem_select(hardness, fg, keep, anchors, ratio=3, batch=3)  # room for 3 // (1 + 3) = 0 positives
+    assert small[0].nonzero().squeeze(1).tolist() == [1, 3, 4]

@@ -236,3 +236,37 @@ def test_eval_only_refuses_a_model_of_other_classes_before_running_it(tiny_check
     with pytest.raises(ValueError, match=r"instances_val2017.json: the model's classes are not this dataset's: "
                                          r"category 1 \('person'\) is 'ellipse'"):
         run(coco, str(tmp_path / "ev"), **{"eval-only": True, "weights": tiny_checkpoint, "val-split": "val2017"})
+
+
+def test_a_non_finite_buffer_stops_the_run_at_its_checkpoint(tiny_shapes, tmp_path, monkeypatch):
+    # trainable BN trains on batch statistics: an inf running mean leaves the loss and gradients finite,
+    # and only the check before each checkpoint can keep it out of one
+    build = train.build_model
+
+    def poisoned_model(*args, **kw):
+        model, calls = build(*args, **kw), []
+
+        def hook(module, inputs):
+            calls.append(1)
+            if len(calls) == 3:
+                module.running_mean.fill_(float("inf"))
+
+        model.backbone.bn1.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_model", poisoned_model)
+    out = str(tmp_path / "buffer")
+    with pytest.raises(FloatingPointError, match=r"iteration 4: backbone.bn1.running_mean is not finite.*iteration 2"):
+        run(tiny_shapes, out, iters=10, **{"ckpt-every": "2"})
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["iteration"] == 2
+
+
+@pytest.mark.parametrize("local_rank,writes", [("0", True), ("1", False)])
+def test_the_quick_start_set_is_written_by_each_nodes_first_process(tmp_path, monkeypatch, local_rank, writes):
+    written = []
+    monkeypatch.setitem(train.SYNTHETIC, "quickstart", ("data/shapes", written.append))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)  # no RANK / WORLD_SIZE: one process, told it is the node's n-th
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError):  # nothing was really written
+        train.main(train.get_args_parser().parse_args(["--iters", "1"]))
+    assert written == (["data/shapes"] if writes else [])

@@ -1,0 +1,180 @@
+"""Table 1 as a study with error bars (§5.1): each loss trained with several seeds, COCO AP mean ± std,
+AP against iterations, and the imbalance sweep. Run through analyze.py:
+
+    python analyze.py ablate                         # the quick start's set: (a)-(f), one seed, 300 iterations
+    python analyze.py ablate --preset dense          # the study: the dense set, 3 seeds for (b)-(d), 1 for the rest
+    python analyze.py sweep                          # (b) vs (d), 3 seeds, at three levels of imbalance
+
+Within a study every run has the same model, data, LR, schedule and, seed for seed, the same
+initialisation and batches (train.py --seed): only the loss (and, for (a), the prior) differs. A run
+that finished keeps OUT/ablate/<level>/<variant>/seed<s>/result.json and is not run again; one that was
+interrupted resumes from its checkpoint: a killed study continues where it stopped, across sessions.
+"""
+import json
+import os
+import statistics
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import data as D
+import pretrain
+import shapes
+import train
+
+VARIANTS = {  # name -> (the paper's table and row, the loss, train.py flags)
+    "a": ("§3.3, §5.1: CE without the prior", "CE, bias 0 (no prior)", ["--gamma", "0", "--alpha", "none",
+                                                                        "--prior", "0.5"]),
+    "b": ("Table 1a, α = .5 (CE)", "CE, prior π = .01", ["--gamma", "0", "--alpha", "none"]),
+    "c": ("Table 1a, α = .75 (its best)", "α-balanced CE, α = .75", ["--gamma", "0", "--alpha", "0.75"]),
+    "d": ("Table 1b, γ = 2, α = .25", "FL γ = 2, α = .25", ["--gamma", "2", "--alpha", "0.25"]),
+    "e0.5": ("Table 1b, γ = .5, α = .5", "FL γ = .5, α = .5", ["--gamma", "0.5", "--alpha", "0.5"]),
+    "e1": ("Table 1b, γ = 1, α = .25", "FL γ = 1, α = .25", ["--gamma", "1", "--alpha", "0.25"]),
+    "e5": ("Table 1b, γ = 5, α = .25", "FL γ = 5, α = .25", ["--gamma", "5", "--alpha", "0.25"]),
+    "f": ("Table 1d, OHEM 1:3, batch 128, NMS .5", "OHEM 1:3 of CE", ["--gamma", "0", "--alpha", "none",
+                                                                     "--ohem", "3"]),
+}
+MAIN = ("b", "c", "d")  # the rows that get --seeds seeds; the others get --other-seeds
+METRICS = ("AP", "AP50", "AP75", "APs")
+# The sets of the sweep, from mild to COCO-like imbalance: (data folder, dense classes or None for the
+# quick start's shapes, image size). Every level trains with the dense preset's recipe.
+LEVELS = {"shapes": ("data/shapes", None, 160), "dense6": ("data/dense6", 6, 192), "dense": ("data/dense", 30, 192)}
+
+
+def level_data(level, path=None):
+    """The data folder of a level (or `path`), written first if missing (and the pretrained backbone the
+    dense recipe starts from), and its imbalance as shapes.imbalance counts it."""
+    default, classes, size = LEVELS[level]
+    path = path or default
+    if not os.path.exists(D.coco_paths(path, "val")[0]):
+        shapes.make_shapes(path) if classes is None else shapes.make_dense(path, num_classes=classes)
+    if not os.path.exists(pretrain.WEIGHTS):
+        pretrain.main(pretrain.get_args_parser().parse_args([]))
+    ds = D.CocoDetection(*D.coco_paths(path, "train"), train=True, min_size=size, max_size=size, flip=0.0)
+    return path, shapes.imbalance(ds, tuple(train.DENSE["anchor_sizes"]))
+
+
+def train_run(out, flags):
+    """One run of a study, resumable; its result (final COCO numbers, AP and loss shares at the evaluation
+    points) in out/result.json, also when it diverged. Returns that result."""
+    path = os.path.join(out, "result.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
+    try:
+        stats = train.main(train.get_args_parser().parse_args(flags + ["--out", out] + resume))["stats"]
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            curve = [row for line in f if "eval" in (row := json.loads(line))]
+        result = {"stats": stats, "curve": curve}
+    except FloatingPointError as e:  # CE without the prior can diverge (§5.1)
+        result = {"diverged": str(e).split(";")[0]}
+    D.write_json(path, result)
+    return result
+
+
+def summarize(results):
+    """Mean and sample standard deviation of each metric over the runs that trained, and how many diverged."""
+    stats = [r["stats"] for r in results if "stats" in r]
+    row = {"seeds": len(results), "diverged": len(results) - len(stats)}
+    for m in METRICS:
+        values = [max(s[m], 0.0) for s in stats]  # COCOeval's -1: no object of that size
+        row[m] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
+    return row
+
+
+def fmt(cell):
+    return "–" if cell is None else f"{cell[0]:.3f}" + ("" if cell[1] is None else f" ± {cell[1]:.3f}")
+
+
+def study(args, recipe, level, variants, seeds_of):
+    """Every (variant, seed) run of one level with a train.py preset; returns {variant: [result of each seed]}."""
+    data = level_data(level, args.data)[0] if recipe == "dense" else args.data or train.SYNTHETIC[recipe][0]
+    size = str(LEVELS[level][2]) if recipe == "dense" else str(train.PRESETS[recipe]["min_size"])
+    evals = [round(args.iters * k / 4) for k in (1, 2, 3)]
+    base = ["--preset", recipe, "--iters", str(args.iters), "--steps", str(args.iters * 3 // 4),
+            str(args.iters * 9 // 10), "--ckpt-every", str(max(1, args.iters // 4)), "--min-size", size, "--max-size",
+            size]
+    results, t0, runs = {}, time.time(), 0
+    for name in variants:
+        results[name] = []
+        for seed in range(seeds_of(name)):
+            spent = time.time() - t0
+            if runs and args.budget_minutes and spent + spent / runs > 60 * args.budget_minutes:
+                print(f"{name} seed {seed}: skipped, over --budget-minutes")
+                continue
+            out = os.path.join(args.out, "ablate", f"{recipe}-{args.iters}", level, name, f"seed{seed}")
+            curve = ["--eval-at", *map(str, evals)] if name in ("b", "d") else []  # AP against iterations
+            flags = base + curve + ["--data", data, "--seed", str(seed)] + VARIANTS[name][2] + args.train_args.split()
+            results[name].append(train_run(out, flags))
+            runs += 1
+            print(f"{level} {name} seed {seed}: {results[name][-1].get('stats', results[name][-1]).get('AP', '')}")
+    return results
+
+
+def cmd_ablate(args):
+    level, seeds = "dense" if args.preset == "dense" else "shapes", args.seeds or (3 if args.preset == "dense" else 1)
+    results = study(args, args.preset, level, args.variants, lambda v: seeds if v in MAIN else args.other_seeds or 1)
+    rows = {k: {"paper": VARIANTS[k][0], "loss": VARIANTS[k][1], **summarize(r)} for k, r in results.items() if r}
+    lines = ["| | paper | loss | seeds | AP | AP50 | AP75 | APs |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        seeds_cell = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+        lines.append(f"| ({k}) | {r['paper']} | {r['loss']} | {seeds_cell} | " + " | ".join(fmt(r[m]) for m in METRICS)
+                     + " |")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    done = {k: r for k, r in rows.items() if r["AP"]}
+    ax1.barh([f"({k}) {r['loss']}" for k, r in done.items()], [r["AP"][0] for r in done.values()],
+             xerr=[r["AP"][1] or 0 for r in done.values()], capsize=3)
+    ax1.invert_yaxis()
+    ax1.set(xlabel="COCO AP (mean ± std over seeds)", title=f"Table 1 on {level}, {args.iters} iterations")
+    for k in results:  # AP against iterations, mean and spread over seeds
+        curves = [[(row["iter"], row["eval"]["AP"]) for row in r["curve"]] for r in results[k] if "curve" in r]
+        if curves and k in MAIN:
+            its = [i for i, _ in curves[0]]
+            ap = np.array([[a for _, a in c] for c in curves if len(c) == len(its)])
+            ax2.plot(its, ap.mean(0), marker="o", label=f"({k}) {VARIANTS[k][1]}")
+            ax2.fill_between(its, ap.min(0), ap.max(0), alpha=0.2)
+    ax2.set(xlabel="iteration", ylabel="COCO AP (band: min to max over seeds)", title="AP against iterations")
+    ax2.legend()
+    imbalance = level_data(level, args.data)[1] if args.preset == "dense" else None
+    table = {"level": level, "recipe": args.preset, "iters": args.iters, "imbalance": imbalance,
+             "rows": rows, "runs": results, "markdown": "\n".join(lines)}
+    D.save_figure(fig, args.out, "ablate", table)
+    plt.close(fig)
+    print("\n".join(lines))
+    return table
+
+
+def cmd_sweep(args):
+    """(b) against (d) at each level: AP of each and their paired gap (the same seed: the same init and batches)."""
+    seeds, table, lines = args.seeds or 3, {}, ["| level | classes | negative anchors per positive | negative "
+                                                "samples per positive | (b) CE AP | (d) FL AP | FL − CE |",
+                                                "|---|---|---|---|---|---|---|"]
+    for level in args.levels:
+        results = study(args, "dense", level, ["b", "d"], lambda v: seeds)
+        b, d = ([r["stats"]["AP"] if "stats" in r else 0.0 for r in results[v]] for v in "bd")
+        gaps = [y - x for x, y in zip(b, d)]
+        imbalance = level_data(level)[1]
+        table[level] = {"imbalance": imbalance, "b": b, "d": d, "gap": gaps,
+                        "gap_mean": statistics.mean(gaps), "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0}
+        lines.append(f"| {level} | {imbalance['classes']} | {imbalance['negative_anchors_per_positive']:.0f} | "
+                     f"{imbalance['negative_samples_per_positive']:,.0f} | {fmt(mean_std(b))} | {fmt(mean_std(d))} | "
+                     f"{fmt(mean_std(gaps))} |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [t["imbalance"]["negative_samples_per_positive"] for t in table.values()]
+    ax.errorbar(x, [t["gap_mean"] for t in table.values()], yerr=[t["gap_std"] for t in table.values()], marker="o",
+                capsize=4)
+    for xi, (level, t) in zip(x, table.items()):
+        ax.annotate(level, (xi, t["gap_mean"]), textcoords="offset points", xytext=(5, 5))
+    ax.axhline(0, color="0.6", lw=1)
+    ax.set(xscale="log", xlabel="negative (anchor, class) samples per positive", ylabel="AP of FL − AP of CE",
+           title=f"FL γ=2 against CE with the prior, {args.iters} iterations, {seeds} seeds")
+    D.save_figure(fig, args.out, "sweep", {"iters": args.iters, "levels": table, "markdown": "\n".join(lines)})
+    plt.close(fig)
+    print("\n".join(lines))
+    return table
+
+
+def mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
