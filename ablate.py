@@ -1,7 +1,7 @@
 """Table 1 as a study with error bars (§5.1): each loss trained with several seeds, COCO AP mean ± std,
 AP against iterations, and the imbalance sweep. Run through analyze.py:
 
-    python analyze.py ablate                         # the quick start's set: (a)-(f), one seed, 300 iterations
+    python analyze.py ablate                         # the quick start's set: (a)-(f), one seed, 200 iterations
     python analyze.py ablate --preset dense          # the study: the dense set, 3 seeds for (b)-(d), 1 for the rest
     python analyze.py sweep                          # (b) vs (d), 3 seeds, at three levels of imbalance
 
@@ -18,6 +18,7 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
+import checkpoint as C
 import data as D
 import pretrain
 import shapes
@@ -26,7 +27,8 @@ import train
 VARIANTS = {  # name -> (the paper's table and row, the loss, train.py flags)
     "a": ("§3.3, §5.1: CE without the prior", "CE, bias 0 (no prior)", ["--gamma", "0", "--alpha", "none",
                                                                         "--prior", "0.5"]),
-    "b": ("Table 1a, α = .5 (CE)", "CE, prior π = .01", ["--gamma", "0", "--alpha", "none"]),
+    "b": ("§3.3: CE with the prior (Table 1a's α = .5 row is this loss ×½)", "CE, prior π = .01",
+          ["--gamma", "0", "--alpha", "none"]),
     "c": ("Table 1a, α = .75 (its best)", "α-balanced CE, α = .75", ["--gamma", "0", "--alpha", "0.75"]),
     "d": ("Table 1b, γ = 2, α = .25", "FL γ = 2, α = .25", ["--gamma", "2", "--alpha", "0.25"]),
     "e0.5": ("Table 1b, γ = .5, α = .5", "FL γ = .5, α = .5", ["--gamma", "0.5", "--alpha", "0.5"]),
@@ -55,19 +57,36 @@ def level_data(level, path=None):
     return path, shapes.imbalance(ds, tuple(train.DENSE["anchor_sizes"]))
 
 
+def settings(flags):
+    """What a run's result depends on besides the code: its flags, and the annotations and backbone they name."""
+    def stamp(path):
+        return [path, os.path.getsize(path), os.path.getmtime(path)] if os.path.exists(path) else [path]
+
+    data = flags[flags.index("--data") + 1]
+    return {"flags": flags, "files": [stamp(D.coco_paths(data, s)[0]) for s in ("train", "val")] + [stamp(
+        pretrain.WEIGHTS)]}
+
+
 def train_run(out, flags):
     """One run of a study, resumable; its result (final COCO numbers, AP and loss shares at the evaluation
-    points) in out/result.json, also when it diverged. Returns that result."""
-    path = os.path.join(out, "result.json")
+    points) in out/result.json, also when it diverged. Returns that result. A folder whose saved settings
+    (flags, data, backbone) differ from these is refused: its result or checkpoint belongs to another run."""
+    path, saved = os.path.join(out, "result.json"), os.path.join(out, "settings.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            if json.load(f) != json.loads(json.dumps(settings(flags))):
+                raise ValueError(f"{out}: made with other flags, data or backbone; remove it or choose another --out")
+    elif os.path.exists(out):  # a folder of an earlier version of this study: its settings were not saved
+        print(f"{out}: no settings.json; taken to be this run's")
+    os.makedirs(out, exist_ok=True)
+    D.write_json(saved, settings(flags))
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
     try:
         stats = train.main(train.get_args_parser().parse_args(flags + ["--out", out] + resume))["stats"]
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            curve = [row for line in f if "eval" in (row := json.loads(line))]
-        result = {"stats": stats, "curve": curve}
+        result = {"stats": stats, "curve": [row for row in C.read_metrics(out) if "eval" in row]}
     except FloatingPointError as e:  # CE without the prior can diverge (§5.1)
         result = {"diverged": str(e).split(";")[0]}
     D.write_json(path, result)
@@ -79,8 +98,7 @@ def summarize(results):
     stats = [r["stats"] for r in results if "stats" in r]
     row = {"seeds": len(results), "diverged": len(results) - len(stats)}
     for m in METRICS:
-        values = [max(s[m], 0.0) for s in stats]  # COCOeval's -1: no object of that size
-        row[m] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
+        row[m] = mean_std([s[m] for s in stats if s[m] >= 0])  # COCOeval's -1: no object of that size
     return row
 
 
@@ -100,15 +118,15 @@ def study(args, recipe, level, variants, seeds_of):
     for name in variants:
         results[name] = []
         for seed in range(seeds_of(name)):
-            spent = time.time() - t0
-            if runs and args.budget_minutes and spent + spent / runs > 60 * args.budget_minutes:
+            out = os.path.join(args.out, "ablate", f"{recipe}-{args.iters}", level, name, f"seed{seed}")
+            spent, done = time.time() - t0, os.path.exists(os.path.join(out, "result.json"))
+            if not done and runs and args.budget_minutes and spent + spent / runs > 60 * args.budget_minutes:
                 print(f"{name} seed {seed}: skipped, over --budget-minutes")
                 continue
-            out = os.path.join(args.out, "ablate", f"{recipe}-{args.iters}", level, name, f"seed{seed}")
             curve = ["--eval-at", *map(str, evals)] if name in ("b", "d") else []  # AP against iterations
             flags = base + curve + ["--data", data, "--seed", str(seed)] + VARIANTS[name][2] + args.train_args.split()
-            results[name].append(train_run(out, flags))
-            runs += 1
+            results[name].append({"seed": seed, **train_run(out, flags)})
+            runs += not done  # runs trained now: what the budget estimate divides by
             print(f"{level} {name} seed {seed}: {results[name][-1].get('stats', results[name][-1]).get('AP', '')}")
     return results
 
@@ -129,10 +147,10 @@ def cmd_ablate(args):
     ax1.invert_yaxis()
     ax1.set(xlabel="COCO AP (mean ± std over seeds)", title=f"Table 1 on {level}, {args.iters} iterations")
     for k in results:  # AP against iterations, mean and spread over seeds
-        curves = [[(row["iter"], row["eval"]["AP"]) for row in r["curve"]] for r in results[k] if "curve" in r]
-        if curves and k in MAIN:
-            its = [i for i, _ in curves[0]]
-            ap = np.array([[a for _, a in c] for c in curves if len(c) == len(its)])
+        curves = [{row["iter"]: row["eval"]["AP"] for row in r["curve"]} for r in results[k] if "curve" in r]
+        its = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if len(its) > 1:
+            ap = np.array([[c[i] for i in its] for c in curves])
             ax2.plot(its, ap.mean(0), marker="o", label=f"({k}) {VARIANTS[k][1]}")
             ax2.fill_between(its, ap.min(0), ap.max(0), alpha=0.2)
     ax2.set(xlabel="iteration", ylabel="COCO AP (band: min to max over seeds)", title="AP against iterations")
@@ -148,25 +166,31 @@ def cmd_ablate(args):
 
 def cmd_sweep(args):
     """(b) against (d) at each level: AP of each and their paired gap (the same seed: the same init and batches)."""
+    if args.data:
+        raise ValueError("sweep: every level has its own set (ablate.LEVELS); --data is for ablate")
     seeds, table, lines = args.seeds or 3, {}, ["| level | classes | negative anchors per positive | negative "
                                                 "samples per positive | (b) CE AP | (d) FL AP | FL − CE |",
                                                 "|---|---|---|---|---|---|---|"]
     for level in args.levels:
         results = study(args, "dense", level, ["b", "d"], lambda v: seeds)
-        b, d = ([r["stats"]["AP"] if "stats" in r else 0.0 for r in results[v]] for v in "bd")
-        gaps = [y - x for x, y in zip(b, d)]
+        ap = {v: {r["seed"]: r["stats"]["AP"] for r in results[v] if "stats" in r} for v in "bd"}
+        paired = sorted(set(ap["b"]) & set(ap["d"]))  # seeds where both trained: the same init and batches
+        gaps = [ap["d"][s] - ap["b"][s] for s in paired]
+        diverged = {v: [r["seed"] for r in results[v] if "diverged" in r] for v in "bd"}
         imbalance = level_data(level)[1]
-        table[level] = {"imbalance": imbalance, "b": b, "d": d, "gap": gaps,
-                        "gap_mean": statistics.mean(gaps), "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0}
+        table[level] = {"imbalance": imbalance, "b": ap["b"], "d": ap["d"], "gap": dict(zip(paired, gaps)),
+                        "diverged": diverged, "gap_mean_std": mean_std(gaps)}
+        note = "".join(f" (({v}) diverged: seeds {s})" for v, s in diverged.items() if s)
         lines.append(f"| {level} | {imbalance['classes']} | {imbalance['negative_anchors_per_positive']:.0f} | "
-                     f"{imbalance['negative_samples_per_positive']:,.0f} | {fmt(mean_std(b))} | {fmt(mean_std(d))} | "
-                     f"{fmt(mean_std(gaps))} |")
+                     f"{imbalance['negative_samples_per_positive']:,.0f} | {fmt(mean_std(list(ap['b'].values())))} | "
+                     f"{fmt(mean_std(list(ap['d'].values())))} | {fmt(mean_std(gaps))}{note} |")
     fig, ax = plt.subplots(figsize=(6, 4))
-    x = [t["imbalance"]["negative_samples_per_positive"] for t in table.values()]
-    ax.errorbar(x, [t["gap_mean"] for t in table.values()], yerr=[t["gap_std"] for t in table.values()], marker="o",
-                capsize=4)
-    for xi, (level, t) in zip(x, table.items()):
-        ax.annotate(level, (xi, t["gap_mean"]), textcoords="offset points", xytext=(5, 5))
+    shown = {k: t for k, t in table.items() if t["gap_mean_std"]}
+    x = [t["imbalance"]["negative_samples_per_positive"] for t in shown.values()]
+    ax.errorbar(x, [t["gap_mean_std"][0] for t in shown.values()],
+                yerr=[t["gap_mean_std"][1] or 0 for t in shown.values()], marker="o", capsize=4)
+    for xi, (level, t) in zip(x, shown.items()):
+        ax.annotate(level, (xi, t["gap_mean_std"][0]), textcoords="offset points", xytext=(5, 5))
     ax.axhline(0, color="0.6", lw=1)
     ax.set(xscale="log", xlabel="negative (anchor, class) samples per positive", ylabel="AP of FL − AP of CE",
            title=f"FL γ=2 against CE with the prior, {args.iters} iterations, {seeds} seeds")

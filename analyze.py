@@ -72,7 +72,7 @@ def dataset(data, split, cfg=None, train_like=False, check_classes=True):
 def cmd_cdf(args):
     model = infer.load_model(args.weights, args.device)
     ds = dataset(args.data, args.split, model.cfg, train_like=True)
-    key = cache_key(args.weights, ds.ann_file, args.max_images)
+    key = cache_key(args.weights, ds.ann_file, args.max_images, args.max_negatives)
     run = load_or_collect(model, ds, args.cache or os.path.join(args.out, "cdf_cache.npz"), key,
                           max_images=args.max_images, max_negatives=args.max_negatives)
     fig, curves, shares = fig4(run, args.gammas)

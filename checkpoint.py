@@ -63,6 +63,12 @@ def keep_metrics_until(run_dir, iteration):
         D.write_atomic(path, write)
 
 
+def read_metrics(run_dir):
+    """The rows of run_dir/metrics.jsonl (losses and evaluations), without a torn last line."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row for line in f if (row := _parse(line))]
+
+
 def _parse(line):
     """A metrics row, or None for a blank line or the half-written last line of a killed run."""
     try:
@@ -77,8 +83,7 @@ def plot_losses(run_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [row for line in f if "loss" in (row := json.loads(line))]  # not the evaluation rows
+    rows = [row for row in read_metrics(run_dir) if "loss" in row]  # not the evaluation rows
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "cls", "box"):
         ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=key)

@@ -108,9 +108,11 @@ def load_or_collect(model, ds, cache, key, **kw):
     return run
 
 
-def cache_key(weights, ann_file, max_images):
+def cache_key(weights, ann_file, max_images, max_negatives=10**7):
+    """What the cached logits depend on: checkpoint, annotations, image and negative caps, and this code's
+    version of collect_logits (2: only each image's own anchors, a uniform sample over all negatives)."""
     stamp = [(os.path.abspath(p), os.path.getmtime(p)) for p in (weights, ann_file) if os.path.exists(p)]
-    return json.dumps([weights, ann_file, stamp, max_images])
+    return json.dumps(["collect_logits v2", weights, ann_file, stamp, max_images, max_negatives])
 
 
 def cdf(z, gamma, points=1000):

@@ -202,9 +202,9 @@ def main(args):
     ckpt_path, start = os.path.join(args.out, "checkpoint.pt"), 0
     if args.resume:
         start = C.restore(ckpt_path, model, optimizer, scheduler, scaler, device)
-        if rank == 0:
-            C.keep_metrics_until(args.out, start)
         print0(f"resumed from {ckpt_path} at iteration {start}")
+    if rank == 0:  # the log of this run: up to its checkpoint when resumed, empty when it starts afresh
+        C.keep_metrics_until(args.out, start)
     train_model = torch.nn.parallel.DistributedDataParallel(model, [device] if cuda else None) if ddp else model
     fill = tuple(round(255 * m) for m in cfg.pixel_mean)
     groups = train_ds.aspect_groups() if args.aspect_grouping else None

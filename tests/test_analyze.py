@@ -12,8 +12,9 @@ import analyze
 import data as D
 import fig4
 import model as M
+import train
 from conftest import shared_path
-from loss import retinanet_loss
+from loss import assign_targets, retinanet_loss
 
 
 def args(*words):
@@ -142,10 +143,9 @@ TINY = ("--arch resnet18 --norm bn --freeze-at 0 --backbone-weights none --chann
         "--workers 0 --train-split train --val-split val --warmup-iters 1")
 
 
-def test_ablation_aggregates_seeds_and_resumes_a_killed_study(tiny_shapes, tmp_path, capsys):
-    study = args("ablate", "--iters", 4, "--variants", "b", "f", "--seeds", 2, "--data", tiny_shapes,
-                 "--out", tmp_path, f"--train-args={TINY}")
-    table = analyze.main(study)
+def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
+    table = analyze.main(args("ablate", "--iters", 4, "--variants", "b", "f", "--seeds", 2, "--data", tiny_shapes,
+                              "--out", tmp_path, f"--train-args={TINY}"))
     runs = table["runs"]
     assert [len(runs["b"]), len(runs["f"])] == [2, 1]  # (b) is a main row: --seeds; (f) --other-seeds
     aps = [r["stats"]["AP"] for r in runs["b"]]
@@ -153,43 +153,66 @@ def test_ablation_aggregates_seeds_and_resumes_a_killed_study(tiny_shapes, tmp_p
     assert mean == pytest.approx(np.mean(aps)) and std == pytest.approx(np.std(aps, ddof=1))
     assert [row["iter"] for row in runs["b"][0]["curve"]] == [1, 2, 3, 4]  # AP against iterations
     assert set(runs["b"][0]["curve"][0]["shares"]) == {"CE", "FL"}
+    assert [row["iter"] for row in runs["f"][0]["curve"]] == [4]  # (f): the final evaluation only
     md = json.load(open(tmp_path / "ablate.json"))["markdown"]
-    assert "Table 1d, OHEM 1:3" in md and "Table 1a, α = .5 (CE)" in md and " ± " in md
-    # a study killed in its last run: that run's result is gone, its checkpoint (iteration 2) is there
-    study_dir = tmp_path / "ablate" / "quickstart-4" / "shapes"  # recipe-iterations / level
-    last = study_dir / "f" / "seed0"
-    os.remove(last / "result.json")
-    ckpt = torch.load(last / "checkpoint.pt", weights_only=True)
-    torch.save({**ckpt, "iteration": 2}, last / "checkpoint.pt")  # as if killed after the checkpoint at 2
-    done = os.path.getmtime(study_dir / "b" / "seed0" / "result.json")
-    capsys.readouterr()
-    again = analyze.main(study)
-    assert f"resumed from {last / 'checkpoint.pt'} at iteration 2" in capsys.readouterr().out
-    assert os.path.getmtime(study_dir / "b" / "seed0" / "result.json") == done  # not rerun
-    assert again["rows"]["b"] == table["rows"]["b"]
-    assert [row["iter"] for row in again["runs"]["f"][0]["curve"]] == [4]  # (f): the final evaluation, once
+    assert "Table 1d, OHEM 1:3" in md and "§3.3: CE with the prior" in md and " ± " in md
 
 
-def test_collected_samples_do_not_depend_on_the_batch_size(tiny_checkpoint):
-    # images of two sizes: a batch pads the smaller, and anchors over that padding are not the image's
+@pytest.mark.parametrize("crash_at", [3, 1])  # after the checkpoint of iteration 2, or before any checkpoint
+def test_a_killed_study_continues_to_the_result_of_an_uninterrupted_one(tiny_shapes, tmp_path, monkeypatch,
+                                                                          crash_at):
+    study = ["ablate", "--iters", 4, "--variants", "d", "--data", tiny_shapes, f"--train-args={TINY}"]
+    straight = analyze.main(args(*study, "--out", tmp_path / "a"))["runs"]["d"][0]
+    calls, loss = [], train.retinanet_loss
+
+    def killed(*a, **kw):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise RuntimeError("killed")
+        return loss(*a, **kw)
+
+    monkeypatch.setattr(train, "retinanet_loss", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        analyze.main(args(*study, "--out", tmp_path / "b"))
+    run_dir = tmp_path / "b" / "ablate" / "quickstart-4" / "shapes" / "d" / "seed0"
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 3, "lo')  # and the log's last line torn by the kill
+    monkeypatch.setattr(train, "retinanet_loss", loss)
+    resumed = analyze.main(args(*study, "--out", tmp_path / "b"))["runs"]["d"][0]
+    assert resumed["stats"] == straight["stats"] and resumed["curve"] == straight["curve"]
+    with pytest.raises(ValueError, match="made with other flags"):  # a folder is never reused for other settings
+        analyze.main(args(*study[:-1], f"--train-args={TINY} --lr 0.5", "--out", tmp_path / "b"))
+
+
+def test_collected_samples_are_the_images_own_whatever_the_batch_size(tiny_checkpoint):
+    # sizes that pad: 90x90 and 80x96 both pad to 96x96 and batch together; 70x120 pads to 96x128
     model = M.load_checkpoint(tiny_checkpoint)
     g = torch.Generator().manual_seed(0)
     ds = [((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8),
            {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1])})
-          for h, w in ((96, 96), (64, 128), (96, 64))]
+          for h, w in ((90, 90), (70, 120), (80, 96))]
     one = fig4.collect_logits(model, ds, batch_size=1, progress=lambda it, total: it)
     three = fig4.collect_logits(model, ds, batch_size=3, progress=lambda it, total: it)
     for kind in ("pos", "neg"):
         np.testing.assert_allclose(one[kind], three[kind], rtol=1e-4, atol=1e-4)
+    # every sample is one of an image's own anchors (centre inside it) outside the ignore band, K a anchor
+    expected = 0
+    for image, target in ds:
+        anchors = M.make_anchors(model.cfg, [-(-s // 32) * 32 for s in image.shape[1:]])[0]
+        _, _, _, keep = assign_targets(anchors, [target["boxes"]], [target["labels"]], model.cfg.num_classes)
+        centre = (anchors[:, :2] + anchors[:, 2:]) / 2
+        inside = (centre[:, 0] < image.shape[2]) & (centre[:, 1] < image.shape[1])
+        expected += int((keep[0] & inside).sum()) * model.cfg.num_classes
+    assert len(one["pos"]) + one["negatives_seen"] == expected
 
 
 def test_negatives_beyond_the_cap_are_a_uniform_sample_of_all():
-    sample = fig4.UniformSample(cap=10_100, seed=0)
-    sample.add(torch.zeros(20_000))  # a batch with many negatives
-    sample.add(torch.ones(200))  # one with few: a cap per batch would keep all of them
+    sample = fig4.UniformSample(cap=2_000, seed=0)
+    sample.add(torch.zeros(20_000))  # a batch with many negatives (pruned at once: over 2 x cap)
+    sample.add(torch.ones(2_200))  # one with few: a share of the cap per batch would keep 1,000 of these
     kept = sample.result()
-    assert len(kept) == 10_100 and sample.seen == 20_200
-    assert 70 <= int(kept.sum()) <= 130  # half of the 200, as half of everything
+    assert len(kept) == 2_000 and sample.seen == 22_200
+    assert 160 <= int(kept.sum()) <= 240  # ~2,200 x 2,000 / 22,200 = 198: one rate for every negative
 
 
 def test_anchor_coverage_defaults_to_the_datasets_own_configuration(tiny_shapes):
