@@ -1,13 +1,16 @@
-"""See focal loss work: a Gradio explorer of detections, anchor assignments and the loss CDFs (§3, §4, Fig. 4).
+"""See focal loss work: a Gradio explorer of detections, anchor assignments and the loss (§3, §4, Fig. 1, Fig. 4).
 
     python app.py                                          # quick start checkpoint + shapes val, on 127.0.0.1:7860
+    python app.py --weights torchvision --data ../shared/data/coco_val2017_subset --split val2017
     python app.py --weights runs/retinanet/checkpoint.pt --data /path/to/coco --split val2017 --port 8000
     python app.py --host 0.0.0.0                           # only if you want other machines to reach it
 
 Tab "Detect": detections on an uploaded or example image (model.detect). Tab "Anchors": which anchors
 training makes positive or ignores for each box (anchors.match), with live IoU thresholds. Tab "Focal
-loss": FL against CE (Fig. 1) and the loss CDFs of the loaded model (Fig. 4) for any gamma, re-plotted
-from analyze.py's cache of per-sample logits. Nothing is computed twice or copied from those files.
+loss": FL against CE (Fig. 1), the loss CDFs of the loaded model for several gamma (Fig. 4, from
+fig4.py's cache), where the loss and its gradient go, and Table 1 (analyze.py ablate). Nothing is
+computed here that those files compute. On a fresh clone, before any training, the app starts with the
+quick start's configuration: Fig. 1 and the Anchors tab work, and the other tabs say how to get a model.
 """
 import argparse
 import json
@@ -23,35 +26,62 @@ from torchvision.utils import draw_bounding_boxes
 
 import analyze
 import anchors as A
+import fig4
 import infer
 import model as M
+import shapes
+import train
 
 MAX_PIXELS = 40_000_000  # larger uploads get a message, not a long wait
+PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0)  # Fig. 4's
+NO_MODEL = ("No trained model yet. Train the quick start's (`python train.py`, about 20-25 minutes on a CPU), "
+            "or load torchvision's COCO RetinaNet: `python app.py --weights torchvision` (downloads once).")
 
 
 class Explorer:
-    """What the app loads once: the model and the dataset; the Fig. 4 cache on first use."""
+    """What the app loads once: the model (if there is one) and the dataset; the Fig. 4 cache on first use."""
 
     def __init__(self, weights, data, split=None, out="runs/analyze", device="cpu"):
-        self.model = infer.load_model(weights, device)
-        self.cfg, self.device = self.model.cfg, device
-        self.ds = analyze.dataset(data, split, self.cfg, train_like=True)
-        self.cache, self.key = os.path.join(out, "cdf_cache.npz"), analyze.cache_key(weights, self.ds.ann_file, None)
-        self.ablate = os.path.join(out, "ablate.json")
+        self.model, self.device, self.weights = None, device, weights
+        if weights != infer.DEFAULT_WEIGHTS or os.path.exists(weights):
+            self.model = infer.load_model(weights, device)
+            self.cfg = self.model.cfg
+        else:  # a fresh clone: the quick start's configuration, for Fig. 1 and the Anchors tab
+            q = train.QUICKSTART
+            self.cfg = M.ModelConfig(num_classes=len(shapes.SHAPES), class_names=shapes.SHAPES, arch=q["arch"],
+                                     anchor_sizes=tuple(q["anchor_sizes"]), min_size=q["min_size"],
+                                     max_size=q["max_size"], size_divisible=q["size_divisible"])
+        path, make = train.SYNTHETIC["quickstart"]
+        if data == path and not os.path.exists(os.path.join(path, "annotations", "instances_val.json")):
+            print(f"writing the shapes set to {path} (once, under a minute) ...")
+            make(path)
+        self.ds = analyze.dataset(data, split, self.cfg, train_like=True, check_classes=self.model is not None)
+        self.cache = os.path.join(out, "cdf_cache.npz")
+        self.key = fig4.cache_key(weights, self.ds.ann_file, None)
+        self.ablate, self.sweep = os.path.join(out, "ablate.json"), os.path.join(out, "sweep.json")
         self.logits = None
 
     def detect(self, path, score_thresh):
         if not path:  # the image was cleared
             return None, [], ""
+        if self.model is None:
+            raise gr.Error(NO_MODEL)
         image, scale = load(path, max(self.cfg.max_size, 800))
         t0 = time.perf_counter()
         det = M.detect(self.model, [image], score_thresh=score_thresh)[0]
         ms = (time.perf_counter() - t0) * 1000
-        names = self.cfg.class_names
+        names, order = self.cfg.class_names, det["scores"].argsort(descending=True)
         rows = [[names[lab] if lab < len(names) else str(lab), round(s, 3), *[round(v * scale, 1) for v in box]]
-                for box, s, lab in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]
+                for box, s, lab in zip(det["boxes"][order].tolist(), det["scores"][order].tolist(),
+                                       det["labels"][order].tolist())]
         drawn = infer.draw(image, det, names).permute(1, 2, 0).numpy()
-        return drawn, rows, f"{len(rows)} detections; the model took **{ms:.0f} ms** ({self.device})"
+        note = ""
+        synthetic = set(names) <= set(shapes.SHAPES) | set(shapes.CLASSES)
+        if synthetic and os.path.abspath(os.path.dirname(path)) != os.path.abspath(self.ds.img_dir):
+            note = (f"\n\nThis model knows only the {len(names)} classes of a synthetic set ({', '.join(names[:4])}"
+                    f"{', ...' if len(names) > 4 else ''}): on a photo it finds little. For photos, load "
+                    f"torchvision's COCO model: `python app.py --weights torchvision` (downloads once).")
+        return drawn, rows, f"{len(rows)} detections; the model took **{ms:.0f} ms** ({self.device}){note}"
 
     def anchors(self, index, path, boxes_text, fg_iou, bg_iou, levels):
         """Anchors that training assigns to each box, drawn: green positive, orange ignored."""
@@ -78,9 +108,10 @@ class Explorer:
         shown = torch.isin(level, torch.tensor([int(v[1]) for v in levels] or [0]))
         best = A.box_iou(boxes, anchors).max(1).values if len(boxes) else torch.zeros(0)
         low = best < fg_iou  # boxes that only get their best anchors, through the low-quality rule
-        counts = {"positive": int((matched >= 0).sum()), "ignored": int((matched == A.IGNORE).sum()),
-                  "negative": int((matched == A.BACKGROUND).sum()), "boxes": len(boxes),
-                  "low-quality only": int(low.sum())}
+        counts = [["boxes", len(boxes)], ["positive anchors", int((matched >= 0).sum())],
+                  ["ignored anchors", int((matched == A.IGNORE).sum())],
+                  ["negative anchors", int((matched == A.BACKGROUND).sum())],
+                  ["boxes with only a low-quality match", int(low.sum())]]
         zoom = max(1, 480 // max(image.shape[1:]))  # small images are drawn enlarged, so anchors stay visible
         out = torch.nn.functional.interpolate(image[None], scale_factor=zoom, mode="nearest")[0]
         anchors, boxes = anchors * zoom, boxes * zoom
@@ -93,32 +124,60 @@ class Explorer:
         return out.permute(1, 2, 0).numpy(), counts
 
     def focal(self, gamma, alpha, progress=gr.Progress()):  # noqa: B008 (Gradio injects the progress bar)
-        """Fig. 1 for this gamma and alpha; Fig. 4 of the loaded model for this gamma beside gamma = 0."""
+        """Fig. 1 for all of the paper's gamma; Fig. 4 of the loaded model; where the loss goes; Table 1."""
+        fig1 = curves(gamma, alpha)
+        tables = study_tables(self.ablate, self.sweep)
+        if self.model is None:
+            return fig1, None, f"**Fig. 4 needs a trained model.** {NO_MODEL}", [], [], tables
         if self.logits is None:  # made once, then saved: later gammas only re-plot
-            self.logits = analyze.load_or_collect(self.model, self.ds, self.cache, self.key, progress=lambda it, total:
-                                                  progress.tqdm(it, total=total, desc="running the model once"))
-        p_t = np.linspace(0.001, 0.999, 500)
-        z = np.log(p_t / (1 - p_t))
-        fig1, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(p_t, analyze.focal_values(z, 0.0), label="CE")
-        ax.plot(p_t, analyze.focal_values(z, gamma, alpha), label=f"FL, gamma={gamma:g}, alpha_t={alpha:g}")
-        ax.set(xlabel="p_t", ylabel="loss", ylim=(0, 5), title="Fig. 1 (a positive example)")
-        ax.legend()
-        fig2, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        shares = {}
-        for g in sorted({0.0, float(gamma)}):
-            for ax, kind, title in zip(axes, ("pos", "neg"), ("foreground", "background")):
-                x, y, shares[f"{kind} gamma={g:g}"] = analyze.cdf(self.logits[kind], g)
-                ax.plot(x, y, label=f"gamma={g:g}")
-                ax.set(xlabel=f"fraction of {title} examples", ylabel="cumulative normalized loss", title=title)
-                ax.legend()
-        fig1.tight_layout(), fig2.tight_layout()
-        plt.close(fig1), plt.close(fig2)
-        table = ""
-        if os.path.exists(self.ablate):
-            with open(self.ablate) as f:
-                table = "### Table 1 in miniature (`analyze.py ablate`)\n\n" + json.load(f)["markdown"]
-        return fig1, fig2, shares, table
+            self.logits = fig4.load_or_collect(self.model, self.ds, self.cache, self.key, progress=lambda it, total:
+                                               progress.tqdm(it, total=total, desc="running the model once"))
+        gammas = sorted(set(PAPER_GAMMAS) | {float(gamma)})
+        fig, _, shares = fig4.fig4(self.logits, gammas, highlight=float(gamma), figsize=(12, 4.5))
+        fig.suptitle(f"Fig. 4 on {self.logits['images']} images of {os.path.basename(self.ds.img_dir)}: "
+                     f"{len(self.logits['pos']):,} positive and {self.logits['negatives_seen']:,} negative samples")
+        fig.tight_layout()
+        plt.close(fig)
+        hardest = [[f"{g:g}", *(f"{100 * shares[f'{g:g}'][k][f'hardest {p}']:.1f}%" for k in ("pos", "neg")
+                                for p in ("20%", "1%"))] for g in gammas]
+        where = fig4.where_the_loss_goes(self.logits, gammas)
+        flow = [[f"{g:g}", *(f"{100 * where[f'{g:g}'][kind]['positives']:.1f}%" for kind in ("loss", "grad")),
+                 *(f"{100 * fig4.easy_share(where[f'{g:g}'][kind]):.1f}%" for kind in ("loss", "grad"))]
+                for g in gammas]
+        return fig1, fig, "", hardest, flow, tables
+
+
+def curves(gamma, alpha):
+    """Fig. 1: FL(p_t) for each of the paper's gamma (gamma = 0 is CE), the slider's drawn bold."""
+    p_t = np.linspace(0.001, 0.999, 500)
+    z = np.log(p_t / (1 - p_t))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for g in sorted(set(analyze.GAMMAS) | {float(gamma)}):
+        bold = g == float(gamma)
+        ax.plot(p_t, fig4.focal_values(z, g, alpha if bold and alpha else None), lw=3 if bold else 1.5,
+                color="black" if bold else None, label=f"γ = {g:g}" + (" (CE)" if g == 0 else "") +
+                (f", α = {alpha:g}" if bold and alpha else ""))
+    ax.axvspan(0.5, 1.0, color="0.92", zorder=0)  # as the paper shades the well-classified examples
+    ax.text(0.75, 4.5, "well-classified\nexamples", ha="center", va="top")
+    ax.set(xlabel="probability of ground truth class", ylabel="loss", ylim=(0, 5), xlim=(0, 1),
+           title="Fig. 1: focal loss against cross entropy")
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def study_tables(ablate_json, sweep_json):
+    """Table 1 (mean ± std over seeds) and the imbalance sweep, as analyze.py ablate / sweep left them."""
+    parts = []
+    for path, title in ((ablate_json, "Table 1 (`analyze.py ablate`)"), (sweep_json, "FL − CE against imbalance "
+                                                                                    "(`analyze.py sweep`)")):
+        if os.path.exists(path):
+            with open(path) as f:
+                numbers = json.load(f)
+            parts.append(f"### {title}, {numbers['iters']} iterations a run\n\n{numbers['markdown']}")
+    return "\n\n".join(parts) or ("Table 1 appears here once `python analyze.py ablate --preset dense` (the study, "
+                                   "hours) or `python analyze.py ablate` (the miniature, about 30 minutes) has run.")
 
 
 def load(path, limit):
@@ -137,9 +196,12 @@ def load(path, limit):
 
 def build(ex, examples):
     with gr.Blocks(title="RetinaNet explorer") as demo:
-        gr.Markdown(f"# RetinaNet and focal loss\n`{len(ex.cfg.class_names)}` classes, {ex.cfg.arch}, "
+        model = f"`{ex.weights}`" if ex.model is not None else "no trained model yet"
+        gr.Markdown(f"# RetinaNet and focal loss\n{model}: {len(ex.cfg.class_names)} classes, {ex.cfg.arch}, "
                     f"images of {ex.cfg.min_size} px; dataset `{ex.ds.ann_file}` ({len(ex.ds)} images)")
         with gr.Tab("Detect"):
+            if ex.model is None:
+                gr.Markdown(f"**{NO_MODEL}**")
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(type="filepath", label="image", sources=["upload"])
@@ -148,7 +210,8 @@ def build(ex, examples):
                     gr.Examples(examples, inputs=image)
                 with gr.Column():
                     drawn, timing = gr.Image(label="detections", height=420), gr.Markdown()
-                    table = gr.Dataframe(headers=["class", "score", "x1", "y1", "x2", "y2"], label="detections")
+                    table = gr.Dataframe(headers=["class", "score", "x1", "y1", "x2", "y2"],
+                                         label="detections, highest score first")
             gr.on([go.click, thresh.release, image.change], ex.detect, [image, thresh], [drawn, table, timing],
                   api_name="detect")
         with gr.Tab("Anchors") as anchors_tab:
@@ -163,20 +226,29 @@ def build(ex, examples):
                 with gr.Column():
                     assigned = gr.Image(label="green: positive anchors, orange: ignored; red box: low-quality only",
                                         height=480)
-                    counts = gr.JSON(label="anchors")
+                    counts = gr.Dataframe(headers=["", "count"], label="anchors", elem_id="anchor-counts")
             events = [anchors_tab.select, index.change, fg.change, bg.change, levels.change, upload.change]
             gr.on(events + [boxes.submit], ex.anchors, [index, upload, boxes, fg, bg, levels], [assigned, counts],
                   api_name="anchors")
         with gr.Tab("Focal loss") as focal_tab:
             with gr.Row():
                 gamma = gr.Slider(0.0, 5.0, value=2.0, step=0.1, label="gamma")
-                alpha = gr.Slider(0.0, 1.0, value=0.25, step=0.05, label="alpha")
-            with gr.Row():
-                curves = gr.Plot(label="FL vs CE", elem_id="curves")
-                cdfs = gr.Plot(label="loss CDFs of the loaded model", elem_id="cdfs")
-            shares, ablate = gr.JSON(label="share of the loss carried by the hardest samples"), gr.Markdown()
+                alpha = gr.Slider(0.0, 1.0, value=0.25, step=0.05, label="alpha (of the bold Fig. 1 curve)")
+            gr.Markdown("### Fig. 1: the focal loss down-weights well-classified examples")
+            fig1 = gr.Plot(show_label=False, elem_id="curves")  # a label would cover the figure's own title
+            gr.Markdown("### Fig. 4: where each γ puts the loss of the loaded model (the slider's γ in bold)")
+            cdfs = gr.Plot(show_label=False, elem_id="cdfs")
+            missing = gr.Markdown()
+            hardest = gr.Dataframe(headers=["gamma", "hardest 20% of positives", "hardest 1% of positives",
+                                            "hardest 20% of negatives", "hardest 1% of negatives"],
+                                   label="share of their loss carried by the hardest samples", elem_id="hardest")
+            flow = gr.Dataframe(headers=["gamma", "positives: share of the loss", "positives: of the gradient",
+                                         "easy negatives (p_t > 0.9): of the loss", "easy negatives: of the gradient"],
+                                label="where the classification loss and its gradient Σ|∂L/∂z| go (gamma 0: CE)",
+                                elem_id="flow")
+            study = gr.Markdown()
             gr.on([focal_tab.select, gamma.change, alpha.change], ex.focal, [gamma, alpha],
-                  [curves, cdfs, shares, ablate], api_name="focal")
+                  [fig1, cdfs, missing, hardest, flow, study], api_name="focal")
     return demo
 
 
@@ -185,7 +257,7 @@ def get_args_parser():
     p.add_argument("--weights", default=infer.DEFAULT_WEIGHTS, help="checkpoint, or torchvision / torchvision-v2")
     p.add_argument("--data", default="data/shapes", help="COCO-format root for the Anchors and Focal loss tabs")
     p.add_argument("--split", help="split of --data (default: val, else val2017)")
-    p.add_argument("--out", default="runs/analyze", help="where analyze.py keeps its cache and ablate table")
+    p.add_argument("--out", default="runs/analyze", help="where analyze.py keeps its cache and Table 1")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 opens it to your network")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="cpu")
@@ -198,7 +270,8 @@ def main(args):
     shared = os.environ.get("RETINANET_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
     photos = os.path.join(shared, "demo")  # real photos, when the shared data folder is there
     if os.path.isdir(photos):
-        examples += sorted(os.path.join(photos, f) for f in os.listdir(photos))
+        examples += sorted(os.path.join(photos, f) for f in os.listdir(photos) if f.lower().endswith(
+            infer.IMAGE_EXTENSIONS))
     # show_error: an upload Gradio itself cannot open (not an image) gets PIL's one-line reason in the app
     build(ex, examples).queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
                                        max_file_size="20mb", allowed_paths=[os.path.abspath(photos)])

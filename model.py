@@ -139,7 +139,8 @@ def preprocess(images, cfg, resize=True):
 def resize_image(image, cfg):
     """(3, H, W) float -> shorter side cfg.min_size, longer at most cfg.max_size, as torchvision resizes."""
     scale = min(cfg.min_size / min(image.shape[-2:]), cfg.max_size / max(image.shape[-2:]))
-    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True)[0]
+    size = [max(1, int(s * scale)) for s in image.shape[-2:]]  # torchvision's floor, and a 1x1000 image stays 1 high
+    return F.interpolate(image[None], size=size, mode="bilinear")[0]
 
 
 def normalize(images, cfg):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import analyze
 import anchors as A
+import fig4
 import model as M
 from conftest import ROOT
 
@@ -106,7 +107,8 @@ def test_bad_upload_gives_a_message_not_a_traceback(client, tmp_path):
 
 def test_anchors_endpoint_counts_equal_the_matcher(client, server):
     levels = ["P3", "P4", "P5", "P6", "P7"]
-    _, counts = client.predict(2, None, "", 0.6, 0.3, levels, api_name="/anchors")
+    _, table = client.predict(2, None, "", 0.6, 0.3, levels, api_name="/anchors")
+    counts = dict(table["data"])
     cfg = M.load_checkpoint(server["weights"]).cfg
     ds = analyze.dataset(server["data"], None, cfg, train_like=True)
     image, target = ds[2]
@@ -114,30 +116,82 @@ def test_anchors_endpoint_counts_equal_the_matcher(client, server):
     anchors, _ = M.make_anchors(cfg, [-(-s // d) * d for s in image.shape[1:]])
     boxes = target["boxes"]
     matched = A.match(anchors, boxes[None], torch.ones(1, len(boxes), dtype=torch.bool), 0.6, 0.3)[0]
-    assert counts["positive"] == int((matched >= 0).sum()) > 0
-    assert counts["ignored"] == int((matched == A.IGNORE).sum())
-    assert counts["negative"] == int((matched == A.BACKGROUND).sum())
+    assert counts["positive anchors"] == int((matched >= 0).sum()) > 0
+    assert counts["ignored anchors"] == int((matched == A.IGNORE).sum())
+    assert counts["negative anchors"] == int((matched == A.BACKGROUND).sum())
 
 
 def test_anchors_endpoint_on_an_upload_with_typed_boxes(client, server):
     from gradio_client import handle_file
 
     path = os.path.join(server["data"], "val", "000001.jpg")
-    _, counts = client.predict(0, handle_file(path), "10 10 50 40\n20, 30, 60, 90", 0.5, 0.4, ["P3"],
-                               api_name="/anchors")
-    assert counts["boxes"] == 2 and counts["positive"] >= 2
+    _, table = client.predict(0, handle_file(path), "10 10 50 40\n20, 30, 60, 90", 0.5, 0.4, ["P3"],
+                              api_name="/anchors")
+    counts = dict(table["data"])
+    assert counts["boxes"] == 2 and counts["positive anchors"] >= 2
 
 
-def test_focal_endpoint_cdf_numbers_equal_analyze(client, server):
-    _, _, shares, _ = client.predict(2.0, 0.25, api_name="/focal")
+def test_focal_endpoint_tables_equal_fig4s_numbers(client, server):
+    _, _, missing, hardest, flow, _ = client.predict(2.0, 0.25, api_name="/focal")
     model = M.load_checkpoint(server["weights"])
     ds = analyze.dataset(server["data"], None, model.cfg, train_like=True)
-    logits = analyze.collect_logits(model, ds, progress=lambda it, total: it)
-    for g in (0.0, 2.0):
-        for kind in ("pos", "neg"):
-            expected = analyze.cdf(logits[kind], g)[2]
-            assert shares[f"{kind} gamma={g:g}"] == pytest.approx(expected, rel=1e-5)
+    logits = fig4.collect_logits(model, ds, progress=lambda it, total: it)
+    assert missing == "" and [row[0] for row in hardest["data"]] == ["0", "0.5", "1", "2"]  # the paper's gammas
+    where = fig4.where_the_loss_goes(logits, (0.0, 2.0))
+    for row, g in zip((hardest["data"][0], hardest["data"][3]), (0.0, 2.0)):
+        pos, neg = (fig4.cdf(logits[kind], g)[2] for kind in ("pos", "neg"))
+        assert row[1:] == [f"{100 * v:.1f}%" for v in (pos["hardest 20%"], pos["hardest 1%"], neg["hardest 20%"],
+                                                       neg["hardest 1%"])]
+    for row, g in zip((flow["data"][0], flow["data"][3]), ("0", "2")):
+        expected = [where[g]["loss"]["positives"], where[g]["grad"]["positives"], fig4.easy_share(where[g]["loss"]),
+                    fig4.easy_share(where[g]["grad"])]
+        assert row[1:] == [f"{100 * v:.1f}%" for v in expected]
     assert os.path.exists(os.path.join(server["out"], "cdf_cache.npz"))  # later gammas only re-plot
+
+
+def test_detect_survives_its_extremes(client, server, tmp_path):
+    from gradio_client import handle_file
+
+    path = os.path.join(server["data"], "val", "000001.jpg")
+    for thresh in (0.05, 1.0):
+        _, table, _ = client.predict(handle_file(path), thresh, api_name="/detect")
+        scores = [row[1] for row in table["data"]]
+        assert scores == sorted(scores, reverse=True) and (thresh < 1 or not scores)
+    one = tmp_path / "one.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(one)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (8000, 5000), (90, 120, 150)).save(big)  # 40 megapixels, the most the app takes
+    for picture in (one, big):
+        drawn, _, timing = client.predict(handle_file(str(picture)), 0.5, api_name="/detect")
+        assert "detections; the model took" in timing and "knows only the" in timing  # a photo, a shapes model
+
+
+def test_a_fresh_clone_starts_without_a_checkpoint(tiny_shapes, tmp_path):
+    from gradio_client import Client, handle_file
+
+    port = free_port()  # in an empty folder: runs/quickstart/checkpoint.pt does not exist there
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--data", tiny_shapes, "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, started = f"http://127.0.0.1:{port}/", time.time()
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() - started > 120:
+                    pytest.fail(f"app.py did not start: {proc.stdout.read()[-2000:]}")
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        fig1, cdfs, missing, hardest, _, _ = client.predict(2.0, 0.25, api_name="/focal")
+        assert fig1 is not None and "python train.py" in missing and "--weights torchvision" in missing
+        _, table = client.predict(0, None, "", 0.5, 0.4, ["P3"], api_name="/anchors")
+        assert dict(table["data"])["positive anchors"] > 0  # the quick start's anchors on the shapes set
+        with pytest.raises(Exception, match="No trained model yet"):
+            client.predict(handle_file(os.path.join(tiny_shapes, "val", "000001.jpg")), 0.5, api_name="/detect")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_browser_clicks_through_every_tab_and_the_gamma_slider_changes_the_plot(server, tmp_path):
@@ -161,7 +215,7 @@ def test_browser_clicks_through_every_tab_and_the_gamma_slider_changes_the_plot(
         page.screenshot(path=os.path.join(shots, "app_detect.jpg"), type="jpeg", quality=70)
 
         page.get_by_role("tab", name="Anchors").click()
-        page.get_by_text('"positive"').wait_for(timeout=60_000)
+        page.locator("#anchor-counts").get_by_text("positive anchors").wait_for(timeout=60_000)
         page.wait_for_timeout(1000)
         page.screenshot(path=os.path.join(shots, "app_anchors.jpg"), type="jpeg", quality=70)
 
@@ -177,6 +231,13 @@ def test_browser_clicks_through_every_tab_and_the_gamma_slider_changes_the_plot(
             time.sleep(0.2)
         assert cdf_plot.get_attribute("src") != before
         page.wait_for_timeout(2000)  # let the other outputs settle before the screenshot
+        # Fig. 4's two panels readable in a 1280-px window: the figure at least 1000 px wide, 500 a panel
+        assert cdf_plot.bounding_box()["width"] >= 1000
+        assert page.locator("#curves img[src^='data:image']").bounding_box()["width"] >= 500
+        # the shares as tables of percentages, not a JSON viewer
+        page.locator("#hardest").get_by_text("%").first.wait_for(timeout=30_000)
+        assert page.locator("#flow").get_by_text("%").count() > 0
+        assert page.locator("[data-testid='json'], .json-holder").count() == 0
         page.screenshot(path=os.path.join(shots, "app_focal.jpg"), type="jpeg", quality=70, full_page=True)
         browser.close()
     for name in ("app_detect", "app_anchors", "app_focal"):

@@ -195,3 +195,11 @@ def test_score_thresholds_0_and_1_keep_everything_and_nothing():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="score threshold must be in \\[0, 1\\]"):
             run(score_thresh=bad)
+
+
+def test_degenerate_pictures_resize_to_at_least_one_pixel_and_run():
+    cfg = M.ModelConfig(min_size=160, max_size=160)
+    assert M.resize_image(torch.rand(3, 1, 1000), cfg).shape == (3, 1, 160)  # floor(0.16) would be 0 rows
+    assert M.resize_image(torch.rand(3, 1, 1), cfg).shape == (3, 160, 160)
+    det = M.detect(small_model(), [torch.rand(3, 1, 1000), torch.rand(3, 1, 1)])
+    assert all(d["boxes"].shape[1] == 4 for d in det)
