@@ -28,26 +28,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tiny_shapes, tmp_path_factory):
-    # the README's screenshots come from the quick start's checkpoint, shapes set and analyze.py outputs
-    weights = os.environ.get("RETINANET_APP_WEIGHTS", tiny_checkpoint)
-    data = os.environ.get("RETINANET_APP_DATA", tiny_shapes)
-    out, port = os.environ.get("RETINANET_APP_OUT", str(tmp_path_factory.mktemp("app"))), free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--weights", weights, "--data", data,
-                             "--out", out, "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    started = time.time()
+def launch(args, cwd=ROOT):
+    """app.py started on a free localhost port: (process, url), once it answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), *args, "--port", str(port)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, started = f"http://127.0.0.1:{port}/", time.time()
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.time() - started > 120:
                 proc.kill()
                 pytest.fail(f"app.py did not start: {proc.stdout.read()[-2000:]}")
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tiny_shapes, tmp_path_factory):
+    # the README's screenshots come from the quick start's checkpoint, shapes set and analyze.py outputs
+    weights = os.environ.get("RETINANET_APP_WEIGHTS", tiny_checkpoint)
+    data = os.environ.get("RETINANET_APP_DATA", tiny_shapes)
+    out = os.environ.get("RETINANET_APP_OUT", str(tmp_path_factory.mktemp("app")))
+    started = time.time()
+    proc, url = launch(["--weights", weights, "--data", data, "--out", out])
     yield {"url": url, "weights": weights, "data": data, "out": out, "startup_s": time.time() - started}
     proc.terminate()
     proc.wait(timeout=30)
@@ -169,19 +174,8 @@ def test_detect_survives_its_extremes(client, server, tmp_path):
 def test_a_fresh_clone_starts_without_a_checkpoint(tiny_shapes, tmp_path):
     from gradio_client import Client, handle_file
 
-    port = free_port()  # in an empty folder: runs/quickstart/checkpoint.pt does not exist there
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--data", tiny_shapes, "--port", str(port)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = launch(["--data", tiny_shapes], cwd=tmp_path)  # an empty folder: no runs/quickstart/checkpoint.pt
     try:
-        url, started = f"http://127.0.0.1:{port}/", time.time()
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() - started > 120:
-                    pytest.fail(f"app.py did not start: {proc.stdout.read()[-2000:]}")
-                time.sleep(0.5)
         client = Client(url, verbose=False)
         fig1, cdfs, missing, hardest, _, _ = client.predict(2.0, 0.25, api_name="/focal")
         assert fig1 is not None and "python train.py" in missing and "--weights torchvision" in missing
