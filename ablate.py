@@ -120,6 +120,9 @@ def study(args, recipe, level, variants, seeds_of):
         for seed in range(seeds_of(name)):
             out = os.path.join(args.out, "ablate", f"{recipe}-{args.iters}", level, name, f"seed{seed}")
             spent, done = time.time() - t0, os.path.exists(os.path.join(out, "result.json"))
+            if not done and args.report_only:
+                print(f"{name} seed {seed}: not run yet (--report-only)")
+                continue
             if not done and runs and args.budget_minutes and spent + spent / runs > 60 * args.budget_minutes:
                 print(f"{name} seed {seed}: skipped, over --budget-minutes")
                 continue

@@ -182,6 +182,7 @@ def get_args_parser():
     a("--variants", nargs="+", default=list(ablate.VARIANTS), choices=list(ablate.VARIANTS))
     a("--levels", nargs="+", default=list(ablate.LEVELS), choices=list(ablate.LEVELS), help="sweep: the sets")
     a("--budget-minutes", type=float, help="ablate, sweep: skip runs that would not fit")
+    a("--report-only", action="store_true", help="ablate, sweep: tabulate the finished runs, train none")
     a("--train-args", default="", help="ablate, sweep: more train.py flags for every run")
     a("--scale", type=int, help="anchors: shorter side (default: the checkpoint's or the dataset's preset's)")
     a("--max-size", type=int, help="anchors: longest side")

@@ -156,6 +156,11 @@ def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
     assert [row["iter"] for row in runs["f"][0]["curve"]] == [4]  # (f): the final evaluation only
     md = json.load(open(tmp_path / "ablate.json"))["markdown"]
     assert "Table 1d, OHEM 1:3" in md and "§3.3: CE with the prior" in md and " ± " in md
+    # --report-only tabulates what finished and trains nothing: a study that spans sessions, read midway
+    table = analyze.main(args("ablate", "--iters", 4, "--variants", "b", "f", "--seeds", 3, "--data", tiny_shapes,
+                              "--out", tmp_path, f"--train-args={TINY}", "--report-only"))
+    assert [len(table["runs"]["b"]), table["rows"]["b"]["AP"]] == [2, (mean, std)]
+    assert not (tmp_path / "ablate" / "quickstart-4" / "shapes" / "b" / "seed2").exists()
 
 
 @pytest.mark.parametrize("crash_at", [3, 1])  # after the checkpoint of iteration 2, or before any checkpoint
