@@ -161,7 +161,7 @@ def cmd_ablate(args):
     imbalance = level_data(level, args.data)[1] if args.preset == "dense" else None
     table = {"level": level, "recipe": args.preset, "iters": args.iters, "imbalance": imbalance,
              "rows": rows, "runs": results, "markdown": "\n".join(lines)}
-    D.save_figure(fig, args.out, "ablate", table)
+    D.save_figure(fig, args.out, f"ablate_{args.preset}", table)  # the study and the miniature side by side
     plt.close(fig)
     print("\n".join(lines))
     return table

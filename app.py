@@ -31,11 +31,14 @@ import infer
 import model as M
 import shapes
 import train
+from evaluate import category_ids
 
 MAX_PIXELS = 40_000_000  # larger uploads get a message, not a long wait
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0)  # Fig. 4's
+TORCHVISION = ("`python app.py --weights torchvision --data /path/to/coco --split val2017` (the weights download "
+               "once; the COCO images are for Fig. 4)")
 NO_MODEL = ("No trained model yet. Train the quick start's (`python train.py`, about 20-25 minutes on a CPU), "
-            "or load torchvision's COCO RetinaNet: `python app.py --weights torchvision` (downloads once).")
+            f"or load torchvision's COCO RetinaNet: {TORCHVISION}.")
 
 
 class Explorer:
@@ -55,10 +58,17 @@ class Explorer:
         if data == path and not os.path.exists(os.path.join(path, "annotations", "instances_val.json")):
             print(f"writing the shapes set to {path} (once, under a minute) ...")
             make(path)
-        self.ds = analyze.dataset(data, split, self.cfg, train_like=True, check_classes=self.model is not None)
+        self.ds = analyze.dataset(data, split, self.cfg, train_like=True, check_classes=False)
+        self.mismatch = None  # the model's classes are not the dataset's: Detect and Anchors work, Fig. 4 cannot
+        try:
+            if self.model is not None:
+                category_ids(self.cfg, self.ds)
+        except ValueError as e:
+            self.mismatch = f"{e}. Fig. 4 needs images of the model's own classes: pass them with `--data`."
+            print(self.mismatch)
         self.cache = os.path.join(out, "cdf_cache.npz")
         self.key = fig4.cache_key(weights, self.ds.ann_file, None)
-        self.ablate, self.sweep = os.path.join(out, "ablate.json"), os.path.join(out, "sweep.json")
+        self.out = out
         self.logits = None
 
     def detect(self, path, score_thresh):
@@ -80,7 +90,7 @@ class Explorer:
         if synthetic and os.path.abspath(os.path.dirname(path)) != os.path.abspath(self.ds.img_dir):
             note = (f"\n\nThis model knows only the {len(names)} classes of a synthetic set ({', '.join(names[:4])}"
                     f"{', ...' if len(names) > 4 else ''}): on a photo it finds little. For photos, load "
-                    f"torchvision's COCO model: `python app.py --weights torchvision` (downloads once).")
+                    f"torchvision's COCO model: {TORCHVISION}.")
         return drawn, rows, f"{len(rows)} detections; the model took **{ms:.0f} ms** ({self.device}){note}"
 
     def anchors(self, index, path, boxes_text, fg_iou, bg_iou, levels):
@@ -126,9 +136,11 @@ class Explorer:
     def focal(self, gamma, alpha, progress=gr.Progress()):  # noqa: B008 (Gradio injects the progress bar)
         """Fig. 1 for all of the paper's gamma; Fig. 4 of the loaded model; where the loss goes; Table 1."""
         fig1 = curves(gamma, alpha)
-        tables = study_tables(self.ablate, self.sweep)
+        tables = study_tables(self.out)
         if self.model is None:
             return fig1, None, f"**Fig. 4 needs a trained model.** {NO_MODEL}", [], [], tables
+        if self.mismatch:
+            return fig1, None, f"**{self.mismatch}**", [], [], tables
         if self.logits is None:  # made once, then saved: later gammas only re-plot
             self.logits = fig4.load_or_collect(self.model, self.ds, self.cache, self.key, progress=lambda it, total:
                                                progress.tqdm(it, total=total, desc="running the model once"))
@@ -167,11 +179,13 @@ def curves(gamma, alpha):
     return fig
 
 
-def study_tables(ablate_json, sweep_json):
-    """Table 1 (mean ± std over seeds) and the imbalance sweep, as analyze.py ablate / sweep left them."""
+def study_tables(out):
+    """Table 1 (mean ± std over seeds), the imbalance sweep and the miniature, as analyze.py left them in out."""
     parts = []
-    for path, title in ((ablate_json, "Table 1 (`analyze.py ablate`)"), (sweep_json, "FL − CE against imbalance "
-                                                                                    "(`analyze.py sweep`)")):
+    for name, title in (("ablate_dense", "Table 1 on the dense set (`analyze.py ablate --preset dense`)"),
+                        ("sweep", "FL − CE against imbalance (`analyze.py sweep`)"),
+                        ("ablate_quickstart", "Table 1 in miniature, the quick start's set (`analyze.py ablate`)")):
+        path = os.path.join(out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
                 numbers = json.load(f)

@@ -42,6 +42,13 @@ def category_ids(cfg, ds):
     return ids
 
 
+def model_labels(cfg, ds):
+    """(K_dataset,) the model's label of each of the dataset's labels, checked as category_ids checks:
+    a project model's label is the dataset's own, torchvision's the COCO category id (91 outputs)."""
+    label = {c: i for i, c in enumerate(category_ids(cfg, ds))}
+    return torch.tensor([label[c] for c in ds.cat_ids])
+
+
 @torch.inference_mode()
 def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0):
     """COCO AP of model on ds with pycocotools. Each rank detects its share of the images; rank 0

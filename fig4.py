@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import data as D
 import model as M
+from evaluate import model_labels
 from loss import assign_targets, focal_loss, loss_shares
 
 
@@ -69,7 +70,7 @@ def collect_logits(model, ds, batch_size=8, max_images=None, max_negatives=10**7
         raise ValueError("the dataset has no images")
     pos, neg = [], UniformSample(max_negatives)
     fill = tuple(round(255 * m) for m in cfg.pixel_mean)
-    d = cfg.size_divisible
+    d, to_model = cfg.size_divisible, model_labels(cfg, ds).to(device)  # (K_dataset,) the model's label of each
     for start in progress(range(0, count, batch_size), total=-(-count // batch_size)):
         groups = {}  # as detect batches: images of one padded size together (GroupNorm sees the padding)
         for i in range(start, min(start + batch_size, count)):
@@ -80,7 +81,7 @@ def collect_logits(model, ds, batch_size=8, max_images=None, max_negatives=10**7
             cls_logits, _ = model(M.normalize(images.to(device), cfg))
             anchors, _ = M.make_anchors(cfg, images.shape[-2:], device)
             _, _, onehot, keep = assign_targets(anchors, [t["boxes"].to(device) for t in targets],
-                                                [t["labels"].to(device) for t in targets], cfg.num_classes,
+                                                [to_model[t["labels"].to(device)] for t in targets], cfg.num_classes,
                                                 cfg.fg_iou, cfg.bg_iou, cfg.low_quality_matches)
             cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
             inside = torch.stack([(cx < w) & (cy < h) for h, w in (t["size"] for t in targets)])  # (N, R)

@@ -1,4 +1,5 @@
 """analyze.py: Fig. 1 against Eq. 5, Fig. 4's CDFs against training's loss, the cache, anchor coverage by hand."""
+import dataclasses
 import json
 import math
 import os
@@ -122,9 +123,27 @@ def test_anchors_command_on_real_coco_photos(tmp_path):
 
 
 def test_checkpoint_classes_must_match_the_dataset(tiny_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="80 classes .* but the checkpoint has 4"):
+    with pytest.raises(ValueError, match="instances_val2017.json: the model's classes are not this dataset's"):
         analyze.main(args("cdf", "--weights", tiny_checkpoint, "--data", shared_path("coco_val2017_subset"),
                           "--split", "val2017", "--out", tmp_path))
+
+
+def test_a_model_numbering_classes_otherwise_sees_the_same_positives(run):
+    """As torchvision's COCO model (label = category id, 91 outputs): the same class subnet with its
+    classes reversed after an extra unknown class gives the same positive logits; a model's labels, not
+    the dataset's, index its outputs."""
+    model, ds, logits = run
+    cfg, k = model.cfg, model.cfg.num_classes
+    other = M.RetinaNet(dataclasses.replace(cfg, num_classes=k + 1, category_ids=(999, *ds.cat_ids[::-1]),
+                                            class_names=("extra", *cfg.class_names[::-1])))
+    state = model.state_dict()
+    for name in ("cls_head.out.weight", "cls_head.out.bias"):  # (A*K, ...) -> (A, K, ...), reversed, one more
+        w = state[name].unflatten(0, (cfg.num_anchors, k)).flip(1)
+        state[name] = torch.cat([torch.zeros_like(w[:, :1]), w], 1).flatten(0, 1)
+    other.load_state_dict(state)
+    theirs = fig4.collect_logits(other.eval(), ds, batch_size=2, progress=lambda it, total: it)
+    np.testing.assert_allclose(theirs["pos"], logits["pos"], rtol=1e-5, atol=1e-5)
+    assert len(theirs["neg"]) > len(logits["neg"])
 
 
 def test_empty_dataset_is_an_error(run):
@@ -154,7 +173,7 @@ def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
     assert [row["iter"] for row in runs["b"][0]["curve"]] == [1, 2, 3, 4]  # AP against iterations
     assert set(runs["b"][0]["curve"][0]["shares"]) == {"CE", "FL"}
     assert [row["iter"] for row in runs["f"][0]["curve"]] == [4]  # (f): the final evaluation only
-    md = json.load(open(tmp_path / "ablate.json"))["markdown"]
+    md = json.load(open(tmp_path / "ablate_quickstart.json"))["markdown"]
     assert "Table 1d, OHEM 1:3" in md and "§3.3: CE with the prior" in md and " ± " in md
     # --report-only tabulates what finished and trains nothing: a study that spans sessions, read midway
     table = analyze.main(args("ablate", "--iters", 4, "--variants", "b", "f", "--seeds", 3, "--data", tiny_shapes,
