@@ -4,10 +4,11 @@ AP against iterations, and the imbalance sweep. Run through analyze.py:
     python analyze.py ablate                         # the quick start's set: (a)-(f), one seed, 200 iterations
     python analyze.py ablate --preset dense          # the study: the dense set, 3 seeds for (b)-(d), 1 for the rest
     python analyze.py sweep                          # (b) vs (d), 3 seeds, at three levels of imbalance
+    python analyze.py ablate --preset dense --report-only   # the table of the runs finished so far
 
 Within a study every run has the same model, data, LR, schedule and, seed for seed, the same
 initialisation and batches (train.py --seed): only the loss (and, for (a), the prior) differs. A run
-that finished keeps OUT/ablate/<level>/<variant>/seed<s>/result.json and is not run again; one that was
+that finished keeps OUT/ablate/<preset>-<iters>/<level>/<variant>/seed<s>/result.json and is not run again; one that was
 interrupted resumes from its checkpoint: a killed study continues where it stopped, across sessions.
 """
 import json
