@@ -208,13 +208,18 @@ def test_a_killed_study_continues_to_the_result_of_an_uninterrupted_one(tiny_sha
         analyze.main(args(*study[:-1], f"--train-args={TINY} --lr 0.5", "--out", tmp_path / "b"))
 
 
+class Images(list):
+    """Hand-made (image, target) pairs as a dataset: labelled with the model's own classes."""
+
+
 def test_collected_samples_are_the_images_own_whatever_the_batch_size(tiny_checkpoint):
     # sizes that pad: 90x90 and 80x96 both pad to 96x96 and batch together; 70x120 pads to 96x128
     model = M.load_checkpoint(tiny_checkpoint)
     g = torch.Generator().manual_seed(0)
-    ds = [((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8),
-           {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1])})
-          for h, w in ((90, 90), (70, 120), (80, 96))]
+    ds = Images(((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8),
+                 {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1])})
+                for h, w in ((90, 90), (70, 120), (80, 96)))
+    ds.ann_file, ds.cat_ids, ds.class_names = "hand-made", list(model.cfg.category_ids), model.cfg.class_names
     one = fig4.collect_logits(model, ds, batch_size=1, progress=lambda it, total: it)
     three = fig4.collect_logits(model, ds, batch_size=3, progress=lambda it, total: it)
     for kind in ("pos", "neg"):
