@@ -45,17 +45,18 @@ METRICS = ("AP", "AP50", "AP75", "APs")
 LEVELS = {"shapes": ("data/shapes", None, 160), "dense6": ("data/dense6", 6, 192), "dense": ("data/dense", 30, 192)}
 
 
-def level_data(level, path=None):
+def level_data(level, path=None, write=True):
     """The data folder of a level (or `path`), written first if missing (and the pretrained backbone the
-    dense recipe starts from), and its imbalance as shapes.imbalance counts it."""
+    dense recipe starts from) unless not `write`, and its imbalance as shapes.imbalance counts it."""
     default, classes, size = LEVELS[level]
     path = path or default
     if not os.path.exists(D.coco_paths(path, "val")[0]):
+        if not write:
+            raise ValueError(f"{path}: not written yet, so no run on it has finished")
         shapes.make_shapes(path) if classes is None else shapes.make_dense(path, num_classes=classes)
-    if not os.path.exists(pretrain.WEIGHTS):
+    if write and not os.path.exists(pretrain.WEIGHTS):
         pretrain.main(pretrain.get_args_parser().parse_args([]))
-    ds = D.CocoDetection(*D.coco_paths(path, "train"), train=True, min_size=size, max_size=size, flip=0.0)
-    return path, shapes.imbalance(ds, tuple(train.DENSE["anchor_sizes"]))
+    return path, shapes.imbalance(shapes.training_view(path, size), tuple(train.DENSE["anchor_sizes"]))
 
 
 def settings(flags):
@@ -109,7 +110,10 @@ def fmt(cell):
 
 def study(args, recipe, level, variants, seeds_of):
     """Every (variant, seed) run of one level with a train.py preset; returns {variant: [result of each seed]}."""
-    data = level_data(level, args.data)[0] if recipe == "dense" else args.data or train.SYNTHETIC[recipe][0]
+    if recipe == "dense":
+        data = level_data(level, args.data, write=not args.report_only)[0]
+    else:
+        data = args.data or train.SYNTHETIC[recipe][0]
     size = str(LEVELS[level][2]) if recipe == "dense" else str(train.PRESETS[recipe]["min_size"])
     evals = [round(args.iters * k / 4) for k in (1, 2, 3)]
     base = ["--preset", recipe, "--iters", str(args.iters), "--steps", str(args.iters * 3 // 4),
@@ -159,7 +163,7 @@ def cmd_ablate(args):
             ax2.fill_between(its, ap.min(0), ap.max(0), alpha=0.2)
     ax2.set(xlabel="iteration", ylabel="COCO AP (band: min to max over seeds)", title="AP against iterations")
     ax2.legend()
-    imbalance = level_data(level, args.data)[1] if args.preset == "dense" else None
+    imbalance = level_data(level, args.data, write=False)[1] if args.preset == "dense" else None
     table = {"level": level, "recipe": args.preset, "iters": args.iters, "imbalance": imbalance,
              "rows": rows, "runs": results, "markdown": "\n".join(lines)}
     D.save_figure(fig, args.out, f"ablate_{args.preset}", table)  # the study and the miniature side by side
@@ -181,7 +185,7 @@ def cmd_sweep(args):
         paired = sorted(set(ap["b"]) & set(ap["d"]))  # seeds where both trained: the same init and batches
         gaps = [ap["d"][s] - ap["b"][s] for s in paired]
         diverged = {v: [r["seed"] for r in results[v] if "diverged" in r] for v in "bd"}
-        imbalance = level_data(level)[1]
+        imbalance = level_data(level, write=False)[1]
         table[level] = {"imbalance": imbalance, "b": ap["b"], "d": ap["d"], "gap": dict(zip(paired, gaps)),
                         "diverged": diverged, "gap_mean_std": mean_std(gaps)}
         note = "".join(f" (({v}) diverged: seeds {s})" for v, s in diverged.items() if s)

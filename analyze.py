@@ -41,10 +41,10 @@ def cmd_curves(args):
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, fl in table.items():
         ax.plot(p_t, fl, label=name + (" (CE)" if name == "gamma=0" else ""))
-    ax.axvspan(0.6, 1.0, color="0.9", zorder=0)
-    ax.text(0.8, 4.4, "well-classified\nexamples", ha="center")
+    ax.axvspan(0.5, 1.0, color="0.9", zorder=0)  # Fig. 1: "well-classified examples (p_t > .5)"
+    ax.text(0.75, 2.0, "well-classified\nexamples", ha="center")
     ax.set(xlabel="probability of ground truth class", ylabel="loss", ylim=(0, 5), title="Fig. 1: FL(p_t)")
-    ax.legend(loc="upper center")
+    ax.legend(loc="upper right")
     save(fig, args.out, "curves", {"p_t": p_t.tolist(), **{k: v.tolist() for k, v in table.items()}})
     at_09 = {k: float(focal_values([np.log(9.0)], g)[0]) for k, g in zip(table, args.gammas)}  # p_t = 0.9
     print("CE / FL at p_t = 0.9: " + ", ".join(f"{k}: {-np.log(0.9) / v:.0f}x" for k, v in at_09.items()))

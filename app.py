@@ -13,6 +13,7 @@ computed here that those files compute. On a fresh clone, before any training, t
 quick start's configuration: Fig. 1 and the Anchors tab work, and the other tabs say how to get a model.
 """
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -68,7 +69,7 @@ class Explorer:
             print(self.mismatch)
         self.cache = os.path.join(out, "cdf_cache.npz")
         self.key = fig4.cache_key(weights, self.ds.ann_file, None)
-        self.out = out
+        self.out, self.own = out, None
         self.logits = None
 
     def detect(self, path, score_thresh):
@@ -87,11 +88,17 @@ class Explorer:
         drawn = infer.draw(image, det, names).permute(1, 2, 0).numpy()
         note = ""
         synthetic = set(names) <= set(shapes.SHAPES) | set(shapes.CLASSES)
-        if synthetic and os.path.abspath(os.path.dirname(path)) != os.path.abspath(self.ds.img_dir):
+        if synthetic and not self.is_dataset_picture(path):
             note = (f"\n\nThis model knows only the {len(names)} classes of a synthetic set ({', '.join(names[:4])}"
                     f"{', ...' if len(names) > 4 else ''}): on a photo it finds little. For photos, load "
                     f"torchvision's COCO model: {TORCHVISION}.")
         return drawn, rows, f"{len(rows)} detections; the model took **{ms:.0f} ms** ({self.device}){note}"
+
+    def is_dataset_picture(self, path):
+        """Whether a picture is one of the dataset's, by content: Gradio copies uploads and examples alike."""
+        if self.own is None:  # once, on the first question
+            self.own = {digest(os.path.join(self.ds.img_dir, f)) for f in os.listdir(self.ds.img_dir)}
+        return digest(path) in self.own
 
     def anchors(self, index, path, boxes_text, fg_iou, bg_iou, levels):
         """Anchors that training assigns to each box, drawn: green positive, orange ignored."""
@@ -194,6 +201,11 @@ def study_tables(out):
                                    "hours) or `python analyze.py ablate` (the miniature, about 30 minutes) has run.")
 
 
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
 def load(path, limit):
     """An uploaded image through infer.load_image, or a message in the app saying why not."""
     if not path:
@@ -288,7 +300,7 @@ def main(args):
             infer.IMAGE_EXTENSIONS))
     # show_error: an upload Gradio itself cannot open (not an image) gets PIL's one-line reason in the app
     build(ex, examples).queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
-                                       max_file_size="20mb", allowed_paths=[os.path.abspath(photos)])
+                                       max_file_size="50mb", allowed_paths=[os.path.abspath(photos)])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
     python shapes.py                                   # the quick start's set: data/shapes (4,000 + 300 images)
     python shapes.py --out data/shapes_small --train 500 --size 128
+    python shapes.py --preset dense                    # the Table 1 study's set: data/dense (4,000 + 500 images)
+    python shapes.py --preset dense --classes 6 --out data/dense6   # the sweep's middle level
+
+Each prints its imbalance as training counts it (shapes.imbalance).
 
 The images hold what the paper is about (§1, §3): far more background than objects, many small
 objects, and clutter that is not an object (hard negatives). The files are written in COCO's layout
@@ -185,12 +189,28 @@ def make_shapes(out, num_train=4000, num_val=300, size=160, max_objects=6, seed=
 
 
 def make_dense(out, num_train=4000, num_val=500, size=192, num_classes=30, seed=0):
-    """Write the dense set: the first num_classes of CLASSES (up to 30) among look-alikes, COCO format."""
+    """Write the dense set: the first num_classes of CLASSES (up to 30) among look-alikes, COCO format;
+    print its imbalance (what the set is for)."""
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"the dense set has 1 to {len(CLASSES)} classes, not {num_classes}")
     categories = [{"id": i + 1, "name": CLASSES[i], "supercategory": "coloured shape"} for i in range(num_classes)]
-    return _write(out, {"train": num_train, "val": num_val}, categories, size,
-                  lambda rng: _dense_image(rng, size, num_classes), seed)
+    _write(out, {"train": num_train, "val": num_val}, categories, size,
+           lambda rng: _dense_image(rng, size, num_classes), seed)
+    print(f"{out}: {describe(imbalance(training_view(out, size)))}")
+    return out
+
+
+def training_view(out, size):
+    """The train split of a written set as training sees it at `size` (unflipped)."""
+    return D.CocoDetection(*D.coco_paths(out, "train"), train=True, min_size=size, max_size=size, flip=0.0)
+
+
+def describe(counts):
+    return (f"{counts['objects_per_image']:.2f} objects, {counts['anchors_per_image']:,.0f} anchors and "
+            f"{counts['positive_anchors_per_image']:.1f} positive anchors an image; "
+            f"{counts['negative_anchors_per_positive']:,.0f} negative anchors per positive (COCO ~790) and "
+            f"{counts['negative_samples_per_positive']:,.0f} negative samples per positive (COCO ~63,000), "
+            f"over {counts['images']} training images")
 
 
 def _write(out, splits, categories, size, make_image, seed):
@@ -242,17 +262,27 @@ def imbalance(ds, anchor_sizes=(16, 32, 64, 128, 256), size_divisible=32, max_im
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="data/shapes")
+    p.add_argument("--preset", choices=["shapes", "dense"], default="shapes",
+                   help="the quick start's set, or the Table 1 study's dense set (COCO's imbalance)")
+    p.add_argument("--out", help="default data/shapes, or data/dense")
     p.add_argument("--train", type=int, default=4000)
-    p.add_argument("--val", type=int, default=300)
-    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--val", type=int, help="default 300, dense 500")
+    p.add_argument("--size", type=int, help="default 160, dense 192")
+    p.add_argument("--classes", type=int, default=30, help="dense: how many of its 30 classes")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(args):
-    make_shapes(args.out, args.train, args.val, args.size, seed=args.seed)
-    print(f"wrote {args.train} train and {args.val} val images to {args.out}")
+    dense = args.preset == "dense"
+    out, size = args.out or f"data/{args.preset}", args.size or (192 if dense else 160)
+    val = args.val or (500 if dense else 300)
+    if dense:
+        make_dense(out, args.train, val, size, args.classes, seed=args.seed)  # prints its imbalance
+    else:
+        make_shapes(out, args.train, val, size, seed=args.seed)
+        print(f"{out}: {describe(imbalance(training_view(out, size)))}")
+    print(f"wrote {args.train} train and {val} val images to {out}")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,25 @@ def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
     assert not (tmp_path / "ablate" / "quickstart-4" / "shapes" / "b" / "seed2").exists()
 
 
+def test_sweep_pairs_fl_and_ce_by_seed_at_each_level(tiny_shapes, tmp_path, monkeypatch):
+    import ablate
+    import pretrain
+
+    backbone = tmp_path / "backbone.pth"  # stands for pretrain.py's weights; TINY trains without them
+    backbone.write_bytes(b"x")
+    monkeypatch.setattr(pretrain, "WEIGHTS", str(backbone))
+    monkeypatch.setattr(ablate, "LEVELS", {"one": (tiny_shapes, None, 96), "two": (tiny_shapes, None, 96)})
+    sweep = ["sweep", "--iters", 4, "--seeds", 2, "--out", tmp_path, f"--train-args={TINY}"]
+    table = analyze.main(args(*sweep))
+    for level in ("one", "two"):
+        t = table[level]
+        assert sorted(t["gap"]) == [0, 1] and all(t["gap"][s] == t["d"][s] - t["b"][s] for s in (0, 1))
+        assert t["gap_mean_std"][0] == pytest.approx(np.mean(list(t["gap"].values())))
+    assert table["one"]["gap"] == table["two"]["gap"]  # the same set twice: seed for seed the same runs
+    assert json.load(open(tmp_path / "sweep.json"))["markdown"].count("\n| ") == 2  # a row a level
+    assert analyze.main(args(*sweep, "--report-only")) == table  # tabulated again, nothing trained
+
+
 @pytest.mark.parametrize("crash_at", [3, 1])  # after the checkpoint of iteration 2, or before any checkpoint
 def test_a_killed_study_continues_to_the_result_of_an_uninterrupted_one(tiny_shapes, tmp_path, monkeypatch,
                                                                           crash_at):

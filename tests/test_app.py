@@ -89,6 +89,7 @@ def test_detect_endpoint_returns_the_detections_of_model_detect(client, server):
     expected = M.detect(M.load_checkpoint(server["weights"]), [image], score_thresh=0.1)[0]
     rows = table["data"]
     assert len(rows) == len(expected["scores"]) and "ms" in timing
+    assert "knows only the" not in timing  # a picture of the model's own set: no note that it knows only shapes
     np.testing.assert_allclose([r[1] for r in rows], expected["scores"].numpy(), atol=1e-3)
     np.testing.assert_allclose([r[2:] for r in rows], expected["boxes"].numpy(), atol=0.1)
 

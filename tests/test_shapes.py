@@ -42,11 +42,14 @@ def test_two_processes_writing_one_folder_at_once_leave_the_set_one_process_writ
         assert filecmp.cmp(D.coco_paths(shared, split)[0], D.coco_paths(alone, split)[0], shallow=False)
 
 
-def test_the_dense_set_has_cocos_imbalance_and_hard_negatives(tmp_path):
+def test_the_dense_set_has_cocos_imbalance_and_hard_negatives(tmp_path, capsys):
     # measured as training assigns anchors, at the dense preset's 192 px with its 16-256 px anchors
-    root = shapes.make_dense(str(tmp_path / "dense"), num_train=80, num_val=4, seed=3)
-    ds = D.CocoDetection(*D.coco_paths(root, "train"), train=True, min_size=192, max_size=192, flip=0.0)
+    root = str(tmp_path / "dense")
+    shapes.main(shapes.get_args_parser().parse_args(["--preset", "dense", "--out", root, "--train", "80", "--val",
+                                                     "4", "--seed", "3"]))
+    ds = shapes.training_view(root, 192)
     stats = shapes.imbalance(ds)
+    assert shapes.describe(stats) in capsys.readouterr().out  # printed when the set is made
     assert stats["classes"] == 30 and stats["images"] == 80
     assert stats["negative_anchors_per_positive"] >= 500  # COCO at 800 px: ~790
     assert stats["negative_samples_per_positive"] >= 20_000  # COCO: ~63,000
@@ -64,8 +67,7 @@ def test_the_dense_set_has_cocos_imbalance_and_hard_negatives(tmp_path):
 
 def test_fewer_dense_classes_mean_fewer_negative_samples_per_positive(tmp_path):
     six = shapes.make_dense(str(tmp_path / "six"), num_train=40, num_val=2, num_classes=6, seed=3)
-    ds = D.CocoDetection(*D.coco_paths(six, "train"), train=True, min_size=192, max_size=192, flip=0.0)
-    stats = shapes.imbalance(ds)
+    stats = shapes.imbalance(shapes.training_view(six, 192))
     assert stats["classes"] == 6 and 2_000 < stats["negative_samples_per_positive"] < 20_000
     with pytest.raises(ValueError, match="1 to 30 classes"):
         shapes.make_dense(str(tmp_path / "x"), num_classes=31)
