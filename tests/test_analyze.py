@@ -95,6 +95,16 @@ def test_cache_reproduces_the_model_run(run, tmp_path, monkeypatch):
         fig4.load_or_collect(model, ds, cache, "key-2")
 
 
+def test_cdf_command_saves_the_curves_and_keys_its_cache_by_image_count(tiny_checkpoint, tiny_shapes, tmp_path):
+    cdf = ["cdf", "--weights", tiny_checkpoint, "--data", tiny_shapes, "--max-negatives", 1000, "--out", tmp_path]
+    analyze.main(args(*cdf, "--max-images", 2))
+    saved = json.load(open(tmp_path / "cdf.json"))
+    assert saved["images"] == 2 and saved["negatives"] <= 1000 < saved["negatives_seen"]  # a sample beyond the cap
+    assert set(saved["curves"]) - {"fraction"} == set(saved["gammas"]) == set(saved["where"])  # the curves too
+    analyze.main(args(*cdf, "--max-images", 3))  # another image count: a new model run, not the cache of 2
+    assert json.load(open(tmp_path / "cdf.json"))["images"] == 3
+
+
 def test_anchor_coverage_of_hand_made_boxes(tmp_path):
     cfg = M.ModelConfig(anchor_scales=(1.0,), anchor_ratios=(1.0,), min_size=256, max_size=256)  # squares
     boxes = [[0, 0, 32, 32],  # exactly the 32-px anchor at (16, 16): IoU 1
