@@ -205,18 +205,26 @@ def test_metrics_after_a_resume_have_each_iteration_once(tiny_shapes, tmp_path, 
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(straight)]
 
 
-def test_deterministic_and_channels_last_train_as_the_default_run(tiny_shapes, tmp_path):
+def test_deterministic_and_channels_last_train_as_the_default_run(tiny_shapes, tmp_path, monkeypatch):
     base = run(tiny_shapes, str(tmp_path / "a"), iters=2, **{"no-eval": True})["model"].state_dict()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []  # cuBLAS's workspace setting as the first question to CUDA finds it: it is read once
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
     try:
         det = run(tiny_shapes, str(tmp_path / "b"), iters=2, deterministic=True, **{"no-eval": True})
-        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and seen and seen[0] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
     nhwc = run(tiny_shapes, str(tmp_path / "c"), iters=2, layout="nhwc", **{"no-eval": True})["model"]
     assert nhwc.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    losses = [[r["loss"] for r in read_metrics(str(tmp_path / x)) if "loss" in r] for x in "ac"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)  # the same maths: the same losses at every step
     for k, v in base.items():
         assert torch.equal(det["model"].state_dict()[k], v), k  # on a CPU the kernels were deterministic already
-        torch.testing.assert_close(nhwc.state_dict()[k], v, rtol=1e-4, atol=1e-5)  # another summation order
+        # another summation order, amplified where batch norm's gradients cancel over 2 images (grows with the
+        # thread count's split), after two steps at LR 0.08: close to a few 1e-3, where a wrong layout is garbage
+        torch.testing.assert_close(nhwc.state_dict()[k], v, rtol=0, atol=5e-3)
 
 
 def test_eval_only_refuses_a_model_of_other_classes_before_running_it(tiny_checkpoint, tmp_path):
