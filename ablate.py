@@ -201,7 +201,7 @@ def cmd_sweep(args):
         ax.annotate(level, (xi, t["gap_mean_std"][0]), textcoords="offset points", xytext=(5, 5))
     ax.axhline(0, color="0.6", lw=1)
     ax.set(xscale="log", xlabel="negative (anchor, class) samples per positive", ylabel="AP of FL − AP of CE",
-           title=f"FL γ=2 against CE with the prior, {args.iters} iterations, {seeds} seeds")
+           title=f"FL γ=2 against CE with the prior, {args.iters} iterations, up to {seeds} seeds")
     D.save_figure(fig, args.out, "sweep", {"iters": args.iters, "levels": table, "markdown": "\n".join(lines)})
     plt.close(fig)
     print("\n".join(lines))
