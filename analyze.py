@@ -34,19 +34,34 @@ GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 LEVELS = ("P3", "P4", "P5", "P6", "P7")
 
 
-def cmd_curves(args):
+def fig1(gammas, bold=None, alpha=None):
+    """Fig. 1: FL(p_t) for each gamma (0 is CE), the well-classified examples (p_t > .5) shaded as the
+    paper does; `bold`: one more gamma drawn bold, with `alpha` if given (the app's sliders).
+    Returns the figure, p_t, and {gamma: FL(p_t)}."""
     p_t = np.linspace(0.001, 0.999, 999)
     z = np.log(p_t / (1 - p_t))
-    table = {f"gamma={g:g}": focal_values(z, g) for g in args.gammas}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, fl in table.items():
-        ax.plot(p_t, fl, label=name + (" (CE)" if name == "gamma=0" else ""))
-    ax.axvspan(0.5, 1.0, color="0.9", zorder=0)  # Fig. 1: "well-classified examples (p_t > .5)"
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    curves = {}
+    for g in sorted(set(map(float, gammas)) | ({float(bold)} if bold is not None else set())):
+        thick = bold is not None and g == float(bold)
+        a = alpha if thick and alpha else None
+        curves[g] = focal_values(z, g, a)
+        ax.plot(p_t, curves[g], lw=3 if thick else 1.5, color="black" if thick else None,
+                label=f"γ = {g:g}" + (" (CE)" if g == 0 else "") + (f", α = {a:g}" if a else ""))
+    ax.axvspan(0.5, 1.0, color="0.9", zorder=0)
     ax.text(0.75, 2.0, "well-classified\nexamples", ha="center")
-    ax.set(xlabel="probability of ground truth class", ylabel="loss", ylim=(0, 5), title="Fig. 1: FL(p_t)")
+    ax.set(xlabel="probability of ground truth class", ylabel="loss", ylim=(0, 5), xlim=(0, 1),
+           title="Fig. 1: focal loss against cross entropy")
     ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig, p_t, curves
+
+
+def cmd_curves(args):
+    fig, p_t, curves = fig1(args.gammas)
+    table = {f"gamma={g:g}": fl for g, fl in curves.items()}
     save(fig, args.out, "curves", {"p_t": p_t.tolist(), **{k: v.tolist() for k, v in table.items()}})
-    at_09 = {k: float(focal_values([np.log(9.0)], g)[0]) for k, g in zip(table, args.gammas)}  # p_t = 0.9
+    at_09 = {f"gamma={g:g}": float(focal_values([np.log(9.0)], g)[0]) for g in curves}  # p_t = 0.9
     print("CE / FL at p_t = 0.9: " + ", ".join(f"{k}: {-np.log(0.9) / v:.0f}x" for k, v in at_09.items()))
     return table
 

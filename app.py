@@ -20,7 +20,6 @@ import time
 
 import gradio as gr
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
@@ -167,21 +166,8 @@ class Explorer:
 
 
 def curves(gamma, alpha):
-    """Fig. 1: FL(p_t) for each of the paper's gamma (gamma = 0 is CE), the slider's drawn bold."""
-    p_t = np.linspace(0.001, 0.999, 500)
-    z = np.log(p_t / (1 - p_t))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for g in sorted(set(analyze.GAMMAS) | {float(gamma)}):
-        bold = g == float(gamma)
-        ax.plot(p_t, fig4.focal_values(z, g, alpha if bold and alpha else None), lw=3 if bold else 1.5,
-                color="black" if bold else None, label=f"γ = {g:g}" + (" (CE)" if g == 0 else "") +
-                (f", α = {alpha:g}" if bold and alpha else ""))
-    ax.axvspan(0.5, 1.0, color="0.92", zorder=0)  # as the paper shades the well-classified examples
-    ax.text(0.75, 4.5, "well-classified\nexamples", ha="center", va="top")
-    ax.set(xlabel="probability of ground truth class", ylabel="loss", ylim=(0, 5), xlim=(0, 1),
-           title="Fig. 1: focal loss against cross entropy")
-    ax.legend(loc="upper center")
-    fig.tight_layout()
+    """Fig. 1 for each of the paper's gamma, the slider's drawn bold (analyze.fig1)."""
+    fig = analyze.fig1(analyze.GAMMAS, bold=gamma, alpha=alpha)[0]
     plt.close(fig)
     return fig
 
