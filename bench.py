@@ -4,7 +4,7 @@
     python bench.py --quick           # small inputs, one repeat: a smoke test of the whole table
     python bench.py --device cuda     # on a GPU, with AMP rows
 
-Both models hold the same weights (ours converted with model.from_torchvision) and torchvision's usual
+Both models hold the same weights (ours converted with weights.from_torchvision) and torchvision's usual
 fine-tuning setup: frozen batch norm, stem and res2 frozen, 80 classes. They alternate over --repeats
 after a warm-up; the table gives the medians and ours / torchvision, and each row says whether the
 two results agreed (losses within 1e-4 relative, the same detections, the same assignments).
@@ -28,6 +28,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
 import anchors as A
 import data as D
 import model as M
+import weights as W
 from loss import focal_loss, retinanet_loss
 
 FULL = dict(train_size=512, infer_size=(800, 1216), infer_batch=4, focal=(2, 120000, 80), match_images=8,
@@ -51,7 +52,7 @@ def make_pair(size, device, seed=0):
     for m in (body.conv1, body.layer1):  # trainable_backbone_layers=3, torchvision's default
         m.requires_grad_(False)
     nn.init.constant_(tv.head.classification_head.cls_logits.bias, -2.5)  # scores > 0.05: real postprocessing
-    ours = M.from_torchvision(tv.state_dict(), version=1)
+    ours = W.from_torchvision(tv.state_dict(), version=1)
     ours.cfg.min_size, ours.cfg.max_size = size
     cfg = ours.cfg
 

@@ -5,7 +5,7 @@ and 3x3 output convs (Lin et al., FPN). RetinaNet adds P6, a 3x3 stride-2 conv o
 3x3 stride-2 conv on ReLU(P6); it drops P2 to save computation. All levels have C channels
 (256 in the paper).
 
-Module names map torchvision's BackboneWithFPN keys one to one (see model.from_torchvision):
+Module names map torchvision's BackboneWithFPN keys one to one (see weights.from_torchvision):
 inner_blocks.i.0 -> lateral.i, layer_blocks.i.0 -> output.i, extra_blocks.p6/p7 -> p6/p7.
 """
 import torch.nn.functional as F

@@ -24,6 +24,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import data as D
 import model as M
+import weights as W
 
 DEFAULT_WEIGHTS = "runs/quickstart/checkpoint.pt"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -36,7 +37,7 @@ def load_model(weights=DEFAULT_WEIGHTS, device="cpu"):
     if weights == DEFAULT_WEIGHTS and not os.path.exists(weights):
         raise FileNotFoundError(f"{weights}: no checkpoint yet; make one with `python train.py` (12-25 minutes "
                                 f"on a CPU), or pass --weights PATH or --weights torchvision")
-    return M.load_checkpoint(weights, device).for_inference()
+    return W.load_checkpoint(weights, device).for_inference()
 
 
 def load_image(path, limit=None):

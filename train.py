@@ -31,6 +31,7 @@ import data as D
 import model as M
 import pretrain
 import shapes
+import weights as W
 from evaluate import evaluate
 from loss import batch_shares, retinanet_loss
 
@@ -121,7 +122,7 @@ def datasets(args, train=True):
 def build_model(args, ds, device):
     names, cat_ids = ds.class_names, tuple(ds.cat_ids)
     if args.finetune:  # §3.3: a new class count gets a new, prior-initialised class output layer
-        model = M.load_checkpoint(args.finetune)  # the architecture is the checkpoint's, the recipe this run's
+        model = W.load_checkpoint(args.finetune)  # the architecture is the checkpoint's, the recipe this run's
         cfg = model.cfg
         if cfg.num_classes != len(names):
             model.cls_head.reset_output(len(names), args.prior)
@@ -173,7 +174,7 @@ def main(args):
     if args.eval_only:
         if not args.weights:
             raise ValueError("--eval-only needs --weights CHECKPOINT")
-        model = M.load_checkpoint(args.weights, device)
+        model = W.load_checkpoint(args.weights, device)
         stats = evaluate(model, datasets(args, train=False)[1], rank=rank, world=world, out_dir=args.out)
         print0(json.dumps(stats))
         return {"model": model, "stats": stats}

@@ -14,6 +14,7 @@ import data as D
 import fig4
 import model as M
 import train
+import weights as W
 from conftest import shared_path
 from loss import assign_targets, retinanet_loss
 
@@ -40,7 +41,7 @@ def test_negative_gamma_is_refused():
 
 @pytest.fixture(scope="module")
 def run(tiny_checkpoint, tiny_shapes):
-    model = M.load_checkpoint(tiny_checkpoint)
+    model = W.load_checkpoint(tiny_checkpoint)
     ds = analyze.dataset(tiny_shapes, "val", model.cfg, train_like=True)
     return model, ds, fig4.collect_logits(model, ds, batch_size=2, progress=lambda it, total: it)
 
@@ -243,7 +244,7 @@ class Images(list):
 
 def test_collected_samples_are_the_images_own_whatever_the_batch_size(tiny_checkpoint):
     # sizes that pad: 90x90 and 80x96 both pad to 96x96 and batch together; 70x120 pads to 96x128
-    model = M.load_checkpoint(tiny_checkpoint)
+    model = W.load_checkpoint(tiny_checkpoint)
     g = torch.Generator().manual_seed(0)
     ds = Images(((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8),
                  {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1])})

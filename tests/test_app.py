@@ -17,6 +17,7 @@ import analyze
 import anchors as A
 import fig4
 import model as M
+import weights as W
 from conftest import ROOT, shared_path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -86,7 +87,7 @@ def test_detect_endpoint_returns_the_detections_of_model_detect(client, server):
     path = os.path.join(server["data"], "val", "000001.jpg")
     _, table, timing = client.predict(handle_file(path), 0.1, api_name="/detect")
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    expected = M.detect(M.load_checkpoint(server["weights"]), [image], score_thresh=0.1)[0]
+    expected = M.detect(W.load_checkpoint(server["weights"]), [image], score_thresh=0.1)[0]
     rows = table["data"]
     assert len(rows) == len(expected["scores"]) and "ms" in timing
     assert "knows only the" not in timing  # a picture of the model's own set: no note that it knows only shapes
@@ -115,7 +116,7 @@ def test_anchors_endpoint_counts_equal_the_matcher(client, server):
     levels = ["P3", "P4", "P5", "P6", "P7"]
     _, table = client.predict(2, None, "", 0.6, 0.3, levels, api_name="/anchors")
     counts = dict(table["data"])
-    cfg = M.load_checkpoint(server["weights"]).cfg
+    cfg = W.load_checkpoint(server["weights"]).cfg
     ds = analyze.dataset(server["data"], None, cfg, train_like=True)
     image, target = ds[2]
     d = cfg.size_divisible
@@ -139,7 +140,7 @@ def test_anchors_endpoint_on_an_upload_with_typed_boxes(client, server):
 
 def test_focal_endpoint_tables_equal_fig4s_numbers(client, server):
     _, _, missing, hardest, flow, _ = client.predict(2.0, 0.25, api_name="/focal")
-    model = M.load_checkpoint(server["weights"])
+    model = W.load_checkpoint(server["weights"])
     ds = analyze.dataset(server["data"], None, model.cfg, train_like=True)
     logits = fig4.collect_logits(model, ds, progress=lambda it, total: it)
     assert missing == "" and [row[0] for row in hardest["data"]] == ["0", "0.5", "1", "2"]  # the paper's gammas

@@ -8,6 +8,7 @@ from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 import data as D
 import evaluate as E
 import model as M
+import weights as W
 from conftest import shared_path
 
 
@@ -18,7 +19,7 @@ def coco_subset():
 def torchvision_cfg():
     """The config load_torchvision gives torchvision's COCO model: 91 outputs, label = COCO category id."""
     names = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
-    return dataclasses.replace(M.torchvision_config(1, 91, names), category_ids=tuple(range(91)))
+    return dataclasses.replace(W.torchvision_config(1, 91, names), category_ids=tuple(range(91)))
 
 
 def test_a_torchvision_model_scores_ap_1_with_the_ground_truth_as_its_detections(monkeypatch):

@@ -6,7 +6,7 @@ import torch
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from fpn import FPN
-from model import torchvision_key
+from weights import torchvision_key
 
 
 @pytest.mark.parametrize("p6_from", ["c5", "p5"])

@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetRegressionHead
 
 import model as M
+import weights as W
 from heads import Head
 
 
@@ -19,7 +20,7 @@ def test_heads_equal_torchvision_heads(norm):
     for tv, ours in ((RetinaNetClassificationHead(C, 9, K, norm_layer=norm_layer), Head(C, K, norm=norm, prior=0.01)),
                      (RetinaNetRegressionHead(C, 9, norm_layer=norm_layer), Head(C, 4, norm=norm))):
         prefix = "head.classification_head." if isinstance(tv, RetinaNetClassificationHead) else "head.regression_head."
-        ours.load_state_dict({M.torchvision_key(prefix + k).split(".", 1)[1]: v for k, v in tv.state_dict().items()})
+        ours.load_state_dict({W.torchvision_key(prefix + k).split(".", 1)[1]: v for k, v in tv.state_dict().items()})
         features = [torch.randn(2, C, 9, 13), torch.randn(2, C, 5, 7), torch.randn(2, C, 3, 4)]
         torch.testing.assert_close(ours(features), tv(features))
 

@@ -15,6 +15,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 import data as D
 import infer
 import model as M
+import weights as W
 from conftest import ROOT, shared_path
 from evaluate import evaluate
 
@@ -67,7 +68,7 @@ def test_json_loads_with_pycocotools_and_scores_like_train_evaluate(tiny_shapes,
                     "--json", det_json, "--score-thresh", "0.05"))
     gt = COCO(D.coco_paths(tiny_shapes, "val")[0])
     gt.loadRes(str(det_json))  # image ids are the COCO ids of the file names
-    model = M.load_checkpoint(tiny_checkpoint)
+    model = W.load_checkpoint(tiny_checkpoint)
     ds = D.CocoDetection(*D.coco_paths(tiny_shapes, "val"))
     expected = evaluate(model, ds)
     assert D.coco_evaluate(ds.coco, json.load(open(det_json)), image_ids=ds.ids) == expected
@@ -77,7 +78,7 @@ def test_infer_detections_equal_detect(tiny_shapes, tiny_checkpoint, tmp_path):
     path = os.path.join(tiny_shapes, "val", "000002.jpg")
     by_path, failed = infer.main(args(path, "--weights", tiny_checkpoint, "--out", tmp_path, "--score-thresh", "0.1"))
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    expected = M.detect(M.load_checkpoint(tiny_checkpoint), [image], score_thresh=0.1)[0]
+    expected = M.detect(W.load_checkpoint(tiny_checkpoint), [image], score_thresh=0.1)[0]
     assert failed == 0 and len(expected["boxes"]) > 0
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(by_path[path][key], expected[key])
@@ -151,7 +152,7 @@ def test_torchvision_weights_offline_fail_at_once_in_one_line(monkeypatch):
 def test_torchvision_weights_label_with_coco_names(monkeypatch, tmp_path):
     torch.manual_seed(0)
     state = retinanet_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
-    monkeypatch.setattr(M, "download_state_dict", lambda url, alternative: state)  # stands in for the download
+    monkeypatch.setattr(W, "download_state_dict", lambda url, alternative: state)  # stands in for the download
     model = infer.load_model("torchvision")
     assert model.cfg.class_names[1] == "person" and model.cfg.num_classes == 91 and model.cfg.category_ids[1] == 1
     assert model.cfg.p6_from == "p5" and model.cfg.round_anchors

@@ -12,6 +12,7 @@ from torchvision.ops import sigmoid_focal_loss
 import anchors as A
 import loss as L
 import model as M
+import weights as W
 from loss import focal_loss, retinanet_loss
 
 
@@ -110,7 +111,7 @@ def torchvision_pair(version, box_loss=None):
             m.eps = 0.0 if version == 1 else m.eps  # torchvision's v1 COCO weights run with eps 0
     if box_loss:
         tv.head.regression_head._loss_type = box_loss
-    ours = M.from_torchvision(tv.state_dict(), version=version)
+    ours = W.from_torchvision(tv.state_dict(), version=version)
     ours.cfg.min_size, ours.cfg.max_size = 256, 384
     return tv, ours
 

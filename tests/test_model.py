@@ -10,6 +10,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
 import model as M
+import weights as W
 
 
 def torchvision_and_ours(version, **kw):
@@ -21,7 +22,7 @@ def torchvision_and_ours(version, **kw):
         for m in tv.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eps = 0.0  # what torchvision does to its v1 COCO weights (overwrite_eps)
-    return tv, M.from_torchvision(tv.state_dict(), version=version).eval()
+    return tv, W.from_torchvision(tv.state_dict(), version=version).eval()
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -60,7 +61,7 @@ def test_postprocess_equals_torchvision_given_its_anchors():
     R, K = sum(per_level), 91
     cls_logits = torch.randn(2, R, K, generator=g) - 3.5  # a few thousand scores above 0.05
     box_deltas = torch.randn(2, R, 4, generator=g) * 0.3
-    anchors = M.make_anchors(M.torchvision_config(1), (256, 384))[0]
+    anchors = M.make_anchors(W.torchvision_config(1), (256, 384))[0]
     sizes = [(250, 380), (256, 300)]
     split = {"cls_logits": list(cls_logits.split(per_level, 1)),
              "bbox_regression": list(box_deltas.split(per_level, 1))}
@@ -79,7 +80,7 @@ def test_detect_equals_torchvision_end_to_end(version):
     tv, ours = torchvision_and_ours(version, min_size=256, max_size=512)
     nn.init.normal_(tv.head.classification_head.cls_logits.weight, std=0.02)  # give random weights detections
     nn.init.constant_(tv.head.classification_head.cls_logits.bias, -3.0)
-    ours = M.from_torchvision(tv.state_dict(), version=version)
+    ours = W.from_torchvision(tv.state_dict(), version=version)
     ours.cfg.min_size, ours.cfg.max_size = 256, 512
     images = [torch.rand(3, 200, 300), torch.rand(3, 200, 300)]
     with torch.no_grad():
@@ -135,7 +136,7 @@ def test_forward_shapes_are_the_same_in_train_and_eval():
 
 
 def test_config_round_trips_through_a_dict():
-    cfg = M.torchvision_config(2, class_names=("a", "b"))
+    cfg = W.torchvision_config(2, class_names=("a", "b"))
     assert M.ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg
 
 
@@ -154,9 +155,9 @@ def test_bad_batch_and_bad_state_dict_raise_value_error():
     with pytest.raises(ValueError, match=r"expected a \(N, 3, H, W\) batch, got shape \(3, 64, 64\)"):
         model(torch.rand(3, 64, 64))
     with pytest.raises(ValueError, match="not a torchvision RetinaNet state dict"):
-        M.from_torchvision({"fc.weight": torch.zeros(1)})
+        W.from_torchvision({"fc.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="version must be 1 or 2"):
-        M.torchvision_config(3)
+        W.torchvision_config(3)
 
 
 def test_for_inference_folds_frozen_bn_into_the_convs_and_keeps_the_outputs():

@@ -12,9 +12,9 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 import checkpoint as C
 import data as D
-import model as M
 import shapes
 import train
+import weights as W
 from conftest import ROOT, read_metrics, run, shared_path, tiny_flags
 
 
@@ -102,7 +102,7 @@ def test_kill_9_then_resume_continues_from_an_intact_checkpoint(tiny_shapes, tmp
 def test_finetune_from_torchvision_reinitialises_only_the_class_output(tiny_shapes, tmp_path, monkeypatch):
     torch.manual_seed(0)
     tv_state = retinanet_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
-    monkeypatch.setattr(M, "download_state_dict", lambda url, alternative: tv_state)  # offline stand-in
+    monkeypatch.setattr(W, "download_state_dict", lambda url, alternative: tv_state)  # offline stand-in
     result = run(tiny_shapes, str(tmp_path / "ft"), iters=0, finetune="torchvision", **{"no-eval": True})
     model = result["model"]
     assert model.cfg.num_classes == 4 and model.cfg.class_names == tuple(shapes.SHAPES)
@@ -145,7 +145,7 @@ def test_non_finite_loss_or_gradients_stop_with_the_last_good_checkpoint(tiny_sh
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tiny_checkpoint):
-    model = M.load_checkpoint(tiny_checkpoint)
+    model = W.load_checkpoint(tiny_checkpoint)
     C.check_finite(model, 5, "x.pt (iteration 4)")  # finite: no error
     with torch.no_grad():
         model.box_head.out.bias[0] = float("inf")
@@ -168,7 +168,7 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_device(tiny_shape
 def test_resume_with_amp_from_a_float32_run_starts_a_fresh_loss_scale(tiny_checkpoint, tmp_path):
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
     assert ckpt["scaler"] == {}  # a float32 run saves a disabled scaler's empty state
-    model = M.load_checkpoint(tiny_checkpoint).train()
+    model = W.load_checkpoint(tiny_checkpoint).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # enabled, as --amp makes it (CUDA there)
