@@ -129,7 +129,7 @@ def study(args, recipe, level, variants, seeds_of):
                 print(f"{name} seed {seed}: not run yet (--report-only)")
                 continue
             if not done and runs and args.budget_minutes and spent + spent / runs > 60 * args.budget_minutes:
-                print(f"{name} seed {seed}: skipped, over --budget-minutes")
+                print(f"{name} seed {seed}: skipped, over --budget-minutes {args.budget_minutes:g} (rerun to continue)")
                 continue
             curve = ["--eval-at", *map(str, evals)] if name in ("b", "d") else []  # AP against iterations
             flags = base + curve + ["--data", data, "--seed", str(seed)] + VARIANTS[name][2] + args.train_args.split()
@@ -139,7 +139,12 @@ def study(args, recipe, level, variants, seeds_of):
     return results
 
 
+MINIATURE_MINUTES = 40  # the default `ablate` stops starting runs that would end past this; rerun to continue
+
+
 def cmd_ablate(args):
+    if args.budget_minutes is None and args.preset != "dense":
+        args.budget_minutes = MINIATURE_MINUTES
     level, seeds = "dense" if args.preset == "dense" else "shapes", args.seeds or (3 if args.preset == "dense" else 1)
     results = study(args, args.preset, level, args.variants, lambda v: seeds if v in MAIN else args.other_seeds or 1)
     rows = {k: {"paper": VARIANTS[k][0], "loss": VARIANTS[k][1], **summarize(r)} for k, r in results.items() if r}

@@ -193,7 +193,8 @@ def get_args_parser():
     a("--other-seeds", type=int, default=1, help="ablate: seeds of the other rows")
     a("--variants", nargs="+", default=list(ablate.VARIANTS), choices=list(ablate.VARIANTS))
     a("--levels", nargs="+", default=list(ablate.LEVELS), choices=list(ablate.LEVELS), help="sweep: the sets")
-    a("--budget-minutes", type=float, help="ablate, sweep: skip runs that would not fit")
+    a("--budget-minutes", type=float, help="ablate, sweep: start no run that would end past it (default: "
+      f"the miniature {ablate.MINIATURE_MINUTES}, else none; 0: none)")
     a("--report-only", action="store_true", help="ablate, sweep: tabulate the finished runs, train none")
     a("--train-args", default="", help="ablate, sweep: more train.py flags for every run")
     a("--scale", type=int, help="anchors: shorter side (default: the checkpoint's or the dataset's preset's)")

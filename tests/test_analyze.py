@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -191,6 +192,23 @@ def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
                               "--out", tmp_path, f"--train-args={TINY}", "--report-only"))
     assert [len(table["runs"]["b"]), table["rows"]["b"]["AP"]] == [2, (mean, std)]
     assert not (tmp_path / "ablate" / "quickstart-4" / "shapes" / "b" / "seed2").exists()
+
+
+def test_the_miniature_starts_no_run_past_its_40_minutes(tiny_shapes, tmp_path, monkeypatch):
+    import ablate
+
+    clock, real_run = [0.0], ablate.train_run
+
+    def run_of_15_minutes(out, flags):  # each run takes 15 minutes on this clock
+        clock[0] += 15 * 60
+        return real_run(out, flags)
+
+    monkeypatch.setattr(ablate, "time", types.SimpleNamespace(time=lambda: clock[0]))  # ablate.py's clock only
+    monkeypatch.setattr(ablate, "train_run", run_of_15_minutes)
+    study = ["ablate", "--iters", 2, "--variants", "b", "c", "d", "--data", tiny_shapes, "--out", tmp_path,
+             f"--train-args={TINY}"]
+    assert list(analyze.main(args(*study))["rows"]) == ["b", "c"]  # a third run would end at 45 minutes
+    assert list(analyze.main(args(*study, "--budget-minutes", 0))["rows"]) == ["b", "c", "d"]  # 0: no limit
 
 
 def test_sweep_pairs_fl_and_ce_by_seed_at_each_level(tiny_shapes, tmp_path, monkeypatch):
