@@ -169,7 +169,7 @@ def cmd_anchors(args):
 
 def cmd_eval(args):
     model = infer.load_model(args.weights, args.device)
-    stats = evaluate(model, dataset(args.data, args.split, model.cfg), out_dir=args.out)
+    stats = evaluate(model, dataset(args.data, args.split, model.cfg), out_dir=args.out, score_thresh=args.score_thresh)
     print(json.dumps(stats))
     return stats
 
@@ -199,6 +199,7 @@ def get_args_parser():
     a("--train-args", default="", help="ablate, sweep: more train.py flags for every run")
     a("--scale", type=int, help="anchors: shorter side (default: the checkpoint's or the dataset's preset's)")
     a("--max-size", type=int, help="anchors: longest side")
+    a("--score-thresh", type=float, help="eval: keep detections above it (default the checkpoint's, 0.05)")
     return p
 
 

@@ -50,15 +50,16 @@ def model_labels(cfg, ds):
 
 
 @torch.inference_mode()
-def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0):
+def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0, score_thresh=None):
     """COCO AP of model on ds with pycocotools. Each rank detects its share of the images; rank 0
-    gathers, scores, and writes results.json and eval.json into out_dir. Returns the 12 COCO numbers."""
+    gathers, scores, and writes results.json and eval.json into out_dir. Returns the 12 COCO numbers.
+    score_thresh: detections kept (default the model's, the paper's 0.05; §4 "Inference")."""
     ids = category_ids(model.cfg, ds)  # before any image: a wrong model fails in a second, not after the run
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
                                          batch_size=batch_size, num_workers=workers, collate_fn=list)
     results = []
     for batch in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
-        detections = M.detect(model, [image for image, _ in batch])
+        detections = M.detect(model, [image for image, _ in batch], score_thresh)
         results += D.coco_results(detections, [t["image_id"] for _, t in batch], ids)
     if world > 1:
         gathered = [None] * world

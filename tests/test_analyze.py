@@ -169,6 +169,20 @@ def test_eval(tiny_shapes, tiny_checkpoint, tmp_path):
     assert json.load(open(tmp_path / "eval.json")) == stats
 
 
+def test_eval_score_threshold_keeps_the_same_detections_above_it(tiny_shapes, tiny_checkpoint, tmp_path):
+    def results(*flags):
+        analyze.main(args("eval", "--weights", tiny_checkpoint, "--data", tiny_shapes, "--out", tmp_path, *flags))
+        with open(tmp_path / "results.json") as f:
+            return {(r["image_id"], r["category_id"], r["score"], *r["bbox"]) for r in json.load(f)}
+
+    default = results()  # the checkpoint's 0.05
+    scores = sorted({r[2] for r in default})  # rounded to 5 decimals: t lies well between two of them
+    t = next((a + b) / 2 for a, b in zip(scores[len(scores) // 2:], scores[len(scores) // 2 + 1:]) if b - a > 1e-4)
+    above = results("--score-thresh", str(t))
+    assert 0 < len(above) < len(default)  # the flag reached detection
+    assert above == {r for r in default if r[2] > t}  # thresholding, top-k and NMS keep the same boxes above t
+
+
 TINY = ("--arch resnet18 --norm bn --freeze-at 0 --backbone-weights none --channels 64 --head-norm gn "
         "--min-size 96 --max-size 96 --size-divisible 32 --anchor-sizes 16 32 64 128 256 --batch-size 2 "
         "--workers 0 --train-split train --val-split val --warmup-iters 1")
