@@ -232,9 +232,10 @@ def main(args):
             cls_logits, box_deltas = train_model(x)
         if x.shape[-2:] not in anchor_cache:
             anchor_cache[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
-        losses = retinanet_loss(cls_logits, box_deltas, anchor_cache[x.shape[-2:]],
-                                [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets],
-                                reduce_num_fg=all_reduce_mean, **cfg.loss_args())
+        anchors = anchor_cache[x.shape[-2:]]
+        boxes, labels = [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets]
+        losses = retinanet_loss(cls_logits, box_deltas, anchors, boxes, labels, reduce_num_fg=all_reduce_mean,
+                                **cfg.loss_args())
         loss = losses["cls"] + losses["box"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -271,8 +272,7 @@ def main(args):
                              out_dir=args.out if done == args.iters else None)
             t0 += time.time() - t_eval  # images/s counts training time only
             if rank == 0:  # and where this batch's CE and FL would put the loss and its gradient (§3.2)
-                shares = batch_shares(cls_logits, anchor_cache[x.shape[-2:]], [t["boxes"].to(device) for t in targets],
-                                      [t["labels"].to(device) for t in targets], cfg.fg_iou, cfg.bg_iou)
+                shares = batch_shares(cls_logits, anchors, boxes, labels, cfg.fg_iou, cfg.bg_iou)
                 with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"iter": done, "eval": stats, "shares": shares}) + "\n")
         if done % args.ckpt_every == 0 or done == args.iters:
