@@ -7,6 +7,7 @@ import sys
 import torch
 
 import bench
+import bench_pairs
 from conftest import ROOT
 
 
@@ -24,14 +25,14 @@ def test_quick_bench_runs_and_its_equality_checks_pass(tmp_path):
 def test_loss_check_holds_under_autocast_and_catches_a_changed_weight():
     """The check behind the training rows: mixed precision (bfloat16 here, float16 on a GPU: the AMP row)
     stays within its 1e-2, and a 1e-3 shift of our class biases makes the float32 check fail."""
-    tv, ours = bench.make_pair((64, 64), torch.device("cpu"))
+    tv, ours = bench_pairs.make_pair((64, 64), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    images, targets = [torch.rand(3, 64, 64, generator=g) for _ in range(2)], bench.random_targets(2, (64, 64), g)
-    ok, message = bench.check_train_losses(tv, ours, images, targets, amp=True)
+    images, targets = [torch.rand(3, 64, 64, generator=g) for _ in range(2)], bench_pairs.random_targets(2, (64, 64), g)
+    ok, message = bench_pairs.check_train_losses(tv, ours, images, targets, amp=True)
     assert ok and "mixed precision" in message, message
     with torch.no_grad():
         ours.cls_head.out.bias += 1e-3
-    assert not bench.check_train_losses(tv, ours, images, targets)[0]
+    assert not bench_pairs.check_train_losses(tv, ours, images, targets)[0]
 
 
 def test_cuda_device_is_made_current_with_tf32_off(monkeypatch):

@@ -1,0 +1,146 @@
+"""The two sides of each row of bench.py: torchvision's RetinaNet and ours with the same weights, and
+for each measurement a pair of callables (torchvision's, ours) with the check that their results agree.
+
+Nothing here times anything; bench.py races the pairs.
+"""
+import torch
+from torch import nn
+from torchvision.models.detection import _utils as tv_utils
+from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
+
+import anchors as A
+import model as M
+import weights as W
+from loss import focal_loss, retinanet_loss
+
+
+def make_pair(size, device, seed=0):
+    """torchvision's retinanet_resnet50_fpn as one fine-tunes it, and ours with its weights."""
+    torch.manual_seed(seed)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80, min_size=size[0],
+                                max_size=size[1], detections_per_img=100)
+    body = tv.backbone.body
+    for name, bn in list(body.named_modules()):
+        if isinstance(bn, nn.BatchNorm2d):  # frozen BN with eps 0, as torchvision's COCO weights run
+            frozen = FrozenBatchNorm2d(bn.num_features, eps=0.0)
+            frozen.load_state_dict(bn.state_dict(), strict=False)
+            parent, _, child = name.rpartition(".")
+            setattr(body.get_submodule(parent) if parent else body, child, frozen)
+    for m in (body.conv1, body.layer1):  # trainable_backbone_layers=3, torchvision's default
+        m.requires_grad_(False)
+    nn.init.constant_(tv.head.classification_head.cls_logits.bias, -2.5)  # scores > 0.05: real postprocessing
+    ours = W.from_torchvision(tv.state_dict(), version=1)
+    ours.cfg.min_size, ours.cfg.max_size = size
+    cfg = ours.cfg
+
+    def exact_anchors(image_list, features):  # torchvision takes P6/P7 strides as image // grid (61 px, not
+        anchors = M.make_anchors(cfg, image_list.tensors.shape[-2:], features[0].device)[0]  # 64, at 800 px)
+        return [anchors] * len(image_list.image_sizes)
+
+    tv.anchor_generator.forward = exact_anchors  # the same anchors for both, so detections can be compared
+    return tv.to(device), ours.to(device)
+
+
+def random_targets(n, size, g, num_classes=80, low=2, high=8):
+    out = []
+    for _ in range(n):
+        m = int(torch.randint(low, high + 1, (1,), generator=g))
+        xy = torch.rand(m, 2, generator=g) * torch.tensor([size[1], size[0]]) * 0.7
+        wh = (torch.rand(m, 2, generator=g) * 0.25 + 0.05) * torch.tensor([size[1], size[0]])
+        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(num_classes, (m,), generator=g)})
+    return out
+
+
+def train_steps(tv, ours, images, targets, amp=False):
+    """One SGD step of each: forward, loss, backward, step (the same preprocessing as torchvision's)."""
+    dev = images[0].device
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+            for m in (tv, ours)]
+    tv.train()
+    ours.train()
+
+    def tv_step():
+        with torch.autocast(dev.type, enabled=amp):
+            losses = tv(images, targets)
+        opts[0].zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opts[0].step()
+        return losses
+
+    def our_step():
+        batch, _ = M.preprocess(images, ours.cfg)
+        with torch.autocast(dev.type, enabled=amp):
+            cls_logits, box_deltas = ours(batch)
+        anchors, _ = M.make_anchors(ours.cfg, batch.shape[-2:], dev)
+        losses = retinanet_loss(cls_logits, box_deltas, anchors, [t["boxes"] for t in targets],
+                                [t["labels"] for t in targets], **ours.cfg.loss_args())
+        opts[1].zero_grad(set_to_none=True)
+        (losses["cls"] + losses["box"]).backward()
+        opts[1].step()
+        return losses
+
+    return tv_step, our_step
+
+
+def check_train_losses(tv, ours, images, targets, amp=False):
+    """torchvision divides each image's loss by its own foreground count and averages the images; ours
+    divides the batch by all of them (Detectron). Fed one image at a time, the two must agree: within
+    1e-4 relative in float32, within 1e-2 under autocast (each model rounds its own way to 16 bits)."""
+    worst, tol, dev = 0.0, 1e-2 if amp else 1e-4, images[0].device.type
+    for img, tgt in zip(images, targets):
+        with torch.no_grad(), torch.autocast(dev, enabled=amp):
+            tv.train()
+            expected = tv([img], [tgt])
+            batch, _ = M.preprocess([img], ours.cfg)
+            cls_logits, box_deltas = ours(batch)
+            anchors, _ = M.make_anchors(ours.cfg, batch.shape[-2:], img.device)
+            got = retinanet_loss(cls_logits, box_deltas, anchors, [tgt["boxes"]], [tgt["labels"]],
+                                 **ours.cfg.loss_args())
+        for a, b in ((got["cls"], expected["classification"]), (got["box"], expected["bbox_regression"])):
+            worst = max(worst, abs(a.item() - b.item()) / abs(b.item()))
+    return worst < tol, f"max relative loss difference {worst:.1e}" + (" (mixed precision)" if amp else "")
+
+
+def inference_pair(tv, ours, images):
+    tv.eval()
+
+    def tv_run():
+        with torch.inference_mode():
+            return tv(images)
+
+    return tv_run, lambda: M.detect(ours, images)
+
+
+def same_detections(expected, got):
+    for e, o in zip(expected, got):
+        same = len(e["boxes"]) == len(o["boxes"]) and torch.equal(e["labels"], o["labels"])
+        if not (same and torch.allclose(e["boxes"], o["boxes"], atol=1e-3) and
+                torch.allclose(e["scores"], o["scores"], atol=1e-5)):
+            return False, "detections differ"
+    return True, f"the same {sum(len(d['boxes']) for d in got)} detections"
+
+
+def focal_pair(shape, device, g):
+    logits = (torch.randn(shape, generator=g) * 2 - 3).to(device)
+    targets = (torch.rand(shape, generator=g) < 2e-4).float().to(device)
+
+    def run(fn):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, targets, reduction="sum")
+        loss.backward()
+        return loss.detach(), x.grad
+
+    return lambda: run(sigmoid_focal_loss), lambda: run(focal_loss)
+
+
+def match_pair(cfg, size, n, device, g):
+    anchors = M.make_anchors(cfg, size, device)[0]
+    boxes = [t["boxes"].to(device) for t in random_targets(n, size, g, low=50, high=50)]
+    matcher = tv_utils.Matcher(0.5, 0.4, allow_low_quality_matches=True)
+
+    def ours():
+        padded, _, valid = A.pad_targets(boxes, [torch.zeros(len(b), dtype=torch.long) for b in boxes])
+        return A.match(anchors, padded, valid)
+
+    return lambda: torch.stack([matcher(box_iou(b, anchors)) for b in boxes]), ours
