@@ -52,3 +52,10 @@ def tiny_checkpoint(tiny_shapes, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_run"))
     run(tiny_shapes, out, iters=40, **{"no-eval": True, "flip": "0", "lr": "0.05", "warmup-iters": "10"})
     return os.path.join(out, "checkpoint.pt")
+
+
+def analyze_args(*words):
+    """analyze.py's arguments from words (numbers and paths too), as its command line parses them."""
+    import analyze
+
+    return analyze.get_args_parser().parse_args([str(w) for w in words])
