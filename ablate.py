@@ -118,7 +118,7 @@ def study(args, recipe, level, variants, seeds_of):
     evals = [round(args.iters * k / 4) for k in (1, 2, 3)]
     base = ["--preset", recipe, "--iters", str(args.iters), "--steps", str(args.iters * 3 // 4),
             str(args.iters * 9 // 10), "--ckpt-every", str(max(1, args.iters // 4)), "--min-size", size, "--max-size",
-            size]
+            size, "--warmup-iters", "100"]  # the study's and the miniature's, whatever the quick start's
     results, t0, runs = {}, time.time(), 0
     for name in variants:
         results[name] = []

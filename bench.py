@@ -8,6 +8,8 @@ Both models hold the same weights (ours converted with weights.from_torchvision)
 fine-tuning setup: frozen batch norm, stem and res2 frozen, 80 classes. They alternate over --repeats
 after a warm-up; the table gives the medians and ours / torchvision, and each row says whether the
 two results agreed (losses within 1e-4 relative, the same detections, the same assignments).
+One row races the quick start's training iteration (train.QUICKSTART: ResNet-18 from scratch, 16 images of
+160 px) against the same detector built from torchvision's parts, ours in the layout train.py picks.
 The pairs and their checks are in bench_pairs.py.
 Peak memory is measured in a fresh process per model. The table also goes to bench.json.
 """
@@ -24,11 +26,12 @@ import torch
 
 import bench_pairs as P
 import data as D
+import train
 
 FULL = dict(train_size=512, infer_size=(800, 1216), infer_batch=4, focal=(2, 120000, 80), match_images=8,
-            match_size=(800, 1333), repeats=5, warmup=1, memory_runs=3)
+            match_size=(800, 1333), repeats=5, warmup=1, memory_runs=3, quickstart_batch=16)
 QUICK = dict(train_size=256, infer_size=(320, 480), infer_batch=2, focal=(2, 20000, 80), match_images=2,
-             match_size=(320, 480), repeats=1, warmup=0, memory_runs=1)
+             match_size=(320, 480), repeats=1, warmup=0, memory_runs=1, quickstart_batch=2)
 
 
 def race(a, b, repeats, warmup, device):
@@ -115,6 +118,16 @@ def main(args):
         row(f"training step with AMP, 2 x {s}x{s}", race(*P.train_steps(tv, ours, images, targets, amp=True),
                                                          p["repeats"], p["warmup"], device),
             P.check_train_losses(tv, ours, images, targets, amp=True), 0.6)
+    tv_q, ours_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
+    if train.channels_last("auto", device):
+        ours_q = ours_q.to(memory_format=torch.channels_last)
+    n, q = p["quickstart_batch"], train.QUICKSTART["min_size"]
+    images_q = [torch.rand(3, q, q, generator=g).to(device) for _ in range(n)]
+    targets_q = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(n, (q, q), g, num_classes=4)]
+    ok, message = P.check_train_losses(tv_q, ours_q, images_q, targets_q)
+    times = race(*P.train_steps(tv_q, ours_q, images_q, targets_q), p["repeats"], p["warmup"], device)
+    row(f"quick start's training iteration: ResNet-18, {n} x {q}x{q}, 4 classes", times,
+        (ok, f"{message}; {n / times[1]:.1f} vs {n / times[0]:.1f} images/s"), 1.0)
     if device.type == "cuda":  # the memory row, measured now on this training pair, is printed last
         peaks, how = [cuda_peak_memory(step) for step in P.train_steps(tv, ours, images, targets)], "CUDA allocated"
     else:

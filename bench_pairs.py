@@ -3,10 +3,16 @@ for each measurement a pair of callables (torchvision's, ours) with the check th
 
 Nothing here times anything; bench.py races the pairs.
 """
+from functools import partial
+
 import torch
 from torch import nn
-from torchvision.models.detection import _utils as tv_utils
+from torchvision.models import resnet18
+from torchvision.models.detection import RetinaNet, _utils as tv_utils
 from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
 
 import anchors as A
@@ -34,12 +40,41 @@ def make_pair(size, device, seed=0):
     ours.cfg.min_size, ours.cfg.max_size = size
     cfg = ours.cfg
 
-    def exact_anchors(image_list, features):  # torchvision takes P6/P7 strides as image // grid (61 px, not
-        anchors = M.make_anchors(cfg, image_list.tensors.shape[-2:], features[0].device)[0]  # 64, at 800 px)
+    tv.anchor_generator.forward = _exact_anchors(cfg)  # the same anchors for both, so detections can be compared
+    return tv.to(device), ours.to(device)
+
+
+def make_quickstart_pair(device, num_classes=4, seed=0):
+    """The quick start's detector (train.QUICKSTART: ResNet-18 with trainable BN, 64-channel FPN, GroupNorm
+    heads, anchors 16-256, 160 px) built from torchvision's parts, and ours with its weights, in training mode."""
+    import train  # the quick start's recipe lives there; bench sits on top of it
+
+    q = train.QUICKSTART
+    torch.manual_seed(seed)
+    body = resnet18(weights=None)  # trainable BatchNorm2d, as the quick start trains from scratch
+    c = q["channels"]
+    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], c,
+                               extra_blocks=LastLevelP6P7(512, c))  # 512 != 64 in channels: P6 from C5 (paper)
+    head = RetinaNetHead(c, 9, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+    head.regression_head._loss_type = "smooth_l1"  # the paper's box loss; torchvision's beta is 1
+    tv = RetinaNet(backbone, num_classes, min_size=q["min_size"], max_size=q["max_size"], head=head)
+    cfg = M.ModelConfig(num_classes=num_classes, arch=q["arch"], norm=q["norm"], freeze_at=q["freeze_at"],
+                        channels=c, head_norm=q["head_norm"], anchor_sizes=tuple(q["anchor_sizes"]),
+                        min_size=q["min_size"], max_size=q["max_size"], size_divisible=q["size_divisible"],
+                        smooth_l1_beta=1.0)  # ours is 0.11 (Detectron); equal betas, equal losses
+    ours = M.RetinaNet(cfg)
+    ours.load_state_dict({W.torchvision_key(k): v for k, v in tv.state_dict().items()}, strict=True)
+    tv.anchor_generator.forward = _exact_anchors(cfg)
+    return tv.to(device).train(), ours.to(device).train()
+
+
+def _exact_anchors(cfg):
+    """torchvision takes the P6/P7 strides as image // grid (61 px, not 64, at 800 px): give it ours."""
+    def forward(image_list, features):
+        anchors = M.make_anchors(cfg, image_list.tensors.shape[-2:], features[0].device)[0]
         return [anchors] * len(image_list.image_sizes)
 
-    tv.anchor_generator.forward = exact_anchors  # the same anchors for both, so detections can be compared
-    return tv.to(device), ours.to(device)
+    return forward
 
 
 def random_targets(n, size, g, num_classes=80, low=2, high=8):

@@ -17,7 +17,7 @@ def test_quick_bench_runs_and_its_equality_checks_pass(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.load(open(out))["rows"]
-    assert len(rows) == 6 and all(r["equal"] for r in rows), [r["check"] for r in rows]
+    assert len(rows) == 7 and all(r["equal"] for r in rows), [r["check"] for r in rows]
     assert all(r["ours"] > 0 and r["torchvision"] > 0 for r in rows)
     assert "| training step" in proc.stdout  # the markdown table is printed
 

@@ -205,8 +205,16 @@ def test_metrics_after_a_resume_have_each_iteration_once(tiny_shapes, tmp_path, 
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(straight)]
 
 
+def test_auto_layout_is_channels_last_on_cuda_and_on_avx512_cpus_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for isa, want in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert train.channels_last("auto", cpu) is want and train.channels_last("auto", cuda)
+        assert not train.channels_last("nchw", cuda) and train.channels_last("nhwc", cpu)
+
+
 def test_deterministic_and_channels_last_train_as_the_default_run(tiny_shapes, tmp_path, monkeypatch):
-    base = run(tiny_shapes, str(tmp_path / "a"), iters=2, **{"no-eval": True})["model"].state_dict()
+    base = run(tiny_shapes, str(tmp_path / "a"), iters=2, layout="nchw", **{"no-eval": True})["model"].state_dict()
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seen = []  # cuBLAS's workspace setting as the first question to CUDA finds it: it is read once
     monkeypatch.setattr(torch.cuda, "is_available", lambda: seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
