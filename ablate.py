@@ -22,6 +22,7 @@ import numpy as np
 import checkpoint as C
 import data as D
 import pretrain
+import recipes
 import shapes
 import train
 
@@ -56,7 +57,7 @@ def level_data(level, path=None, write=True):
         shapes.make_shapes(path) if classes is None else shapes.make_dense(path, num_classes=classes)
     if write and not os.path.exists(pretrain.WEIGHTS):
         pretrain.main(pretrain.get_args_parser().parse_args([]))
-    return path, shapes.imbalance(shapes.training_view(path, size), tuple(train.DENSE["anchor_sizes"]))
+    return path, shapes.imbalance(shapes.training_view(path, size), tuple(recipes.DENSE["anchor_sizes"]))
 
 
 def settings(flags):
@@ -113,8 +114,8 @@ def study(args, recipe, level, variants, seeds_of):
     if recipe == "dense":
         data = level_data(level, args.data, write=not args.report_only)[0]
     else:
-        data = args.data or train.SYNTHETIC[recipe][0]
-    size = str(LEVELS[level][2]) if recipe == "dense" else str(train.PRESETS[recipe]["min_size"])
+        data = args.data or recipes.SYNTHETIC[recipe][0]
+    size = str(LEVELS[level][2]) if recipe == "dense" else str(recipes.PRESETS[recipe]["min_size"])
     evals = [round(args.iters * k / 4) for k in (1, 2, 3)]
     base = ["--preset", recipe, "--iters", str(args.iters), "--steps", str(args.iters * 3 // 4),
             str(args.iters * 9 // 10), "--ckpt-every", str(max(1, args.iters // 4)), "--min-size", size, "--max-size",

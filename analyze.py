@@ -26,7 +26,7 @@ import anchors as A
 import data as D
 import infer
 import model as M
-import train
+import recipes
 from evaluate import category_ids, evaluate
 from fig4 import cache_key, easy_share, fig4, focal_values, load_or_collect, where_the_loss_goes
 
@@ -127,7 +127,7 @@ def preset_config(data, split):
     split = split or ("val" if os.path.exists(D.coco_paths(data, "val")[0]) else "val2017")
     kinds = {c.get("supercategory") for c in D.load_coco(D.coco_paths(data, split)[0]).cats.values()}
     name = {frozenset({"shape"}): "quickstart", frozenset({"coloured shape"}): "dense"}.get(frozenset(kinds), "paper")
-    p = train.PRESETS[name]
+    p = recipes.PRESETS[name]
     return name, M.ModelConfig(anchor_sizes=tuple(p["anchor_sizes"]), min_size=p["min_size"], max_size=p["max_size"],
                                size_divisible=p["size_divisible"])
 
@@ -209,7 +209,7 @@ def main(args):
     args.data = args.data or ("data/shapes" if args.command in ("cdf", "anchors", "eval") else None)
     args.weights = args.weights or (infer.DEFAULT_WEIGHTS if args.command in ("cdf", "eval") else None)
     quick = args.command == "ablate" and args.preset == "quickstart"  # the sweep trains with the dense recipe
-    args.iters = args.iters or (200 if quick else train.DENSE["iters"])
+    args.iters = args.iters or (200 if quick else recipes.DENSE["iters"])
     commands = dict(curves=cmd_curves, cdf=cmd_cdf, ablate=ablate.cmd_ablate, sweep=ablate.cmd_sweep,
                     anchors=cmd_anchors, eval=cmd_eval)
     return commands[args.command](args)

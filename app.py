@@ -29,15 +29,15 @@ import anchors as A
 import fig4
 import infer
 import model as M
+import recipes
 import shapes
-import train
 from evaluate import category_ids
 
 MAX_PIXELS = 40_000_000  # larger uploads get a message, not a long wait
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0)  # Fig. 4's
 TORCHVISION = ("`python app.py --weights torchvision --data /path/to/coco --split val2017` (the weights download "
                "once; the COCO images are for Fig. 4)")
-NO_MODEL = ("No trained model yet. Train the quick start's (`python train.py`, about 20-25 minutes on a CPU), "
+NO_MODEL = ("No trained model yet. Train the quick start's (`python train.py`, about 7-17 minutes on a CPU), "
             f"or load torchvision's COCO RetinaNet: {TORCHVISION}.")
 
 
@@ -50,11 +50,11 @@ class Explorer:
             self.model = infer.load_model(weights, device)
             self.cfg = self.model.cfg
         else:  # a fresh clone: the quick start's configuration, for Fig. 1 and the Anchors tab
-            q = train.QUICKSTART
+            q = recipes.QUICKSTART
             self.cfg = M.ModelConfig(num_classes=len(shapes.SHAPES), class_names=shapes.SHAPES, arch=q["arch"],
                                      anchor_sizes=tuple(q["anchor_sizes"]), min_size=q["min_size"],
                                      max_size=q["max_size"], size_divisible=q["size_divisible"])
-        path, make = train.SYNTHETIC["quickstart"]
+        path, make = recipes.SYNTHETIC["quickstart"]
         if data == path and not os.path.exists(os.path.join(path, "annotations", "instances_val.json")):
             print(f"writing the shapes set to {path} (once, under a minute) ...")
             make(path)

@@ -35,7 +35,7 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 def load_model(weights=DEFAULT_WEIGHTS, device="cpu"):
     """A checkpoint of this project, or 'torchvision' / 'torchvision-v2' (COCO weights, downloaded once)."""
     if weights == DEFAULT_WEIGHTS and not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights}: no checkpoint yet; make one with `python train.py` (12-25 minutes "
+        raise FileNotFoundError(f"{weights}: no checkpoint yet; make one with `python train.py` (7-17 minutes "
                                 f"on a CPU), or pass --weights PATH or --weights torchvision")
     return W.load_checkpoint(weights, device).for_inference()
 

@@ -11,7 +11,7 @@ With --data the defaults are the paper's: ResNet-50 with ImageNet weights and fr
 momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
 500 warmup iterations, LR x0.1 at 60k and 80k of 90k iterations, 800-px images, flips. Without it
 they are the quick start's: the shapes set (generated if missing), ResNet-18 from scratch with
-trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images.
+trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images, 500 iterations (recipes.py).
 """
 import argparse
 import bisect
@@ -30,29 +30,10 @@ import checkpoint as C
 import data as D
 import model as M
 import pretrain
-import shapes
 import weights as W
-from evaluate import evaluate
+from evaluate import category_ids, evaluate
 from loss import batch_shares, retinanet_loss
-
-PAPER = dict(arch="resnet50", norm="frozen", freeze_at=2, backbone_weights="imagenet", channels=256, head_norm=None,
-             anchor_sizes=[32, 64, 128, 256, 512], min_size=800, max_size=1333, batch_size=16, lr=0.01, iters=90000,
-             steps=[60000, 80000], warmup_iters=500, ckpt_every=2000, workers=4, train_split="train2017",
-             val_split="val2017", out="runs/retinanet", size_divisible=32)  # see ModelConfig.size_divisible
-QUICKSTART = dict(arch="resnet18", norm="bn", freeze_at=0, backbone_weights="none", channels=64, head_norm="gn",
-                  anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=500,
-                  steps=[375, 450], warmup_iters=50, ckpt_every=250, workers=1, train_split="train",
-                  val_split="val", out="runs/quickstart", size_divisible=32)  # 160 px: 32 saves 2.5x the pixels of 256
-# 500 iterations: 0.60 AP in half the time of 1,000 (0.78 AP, `--schedule 2`); docs/performance.md has the trade-off
-# The dense set (shapes.make_dense): 30 classes among look-alikes, COCO's imbalance (analyze.py ablate). As
-# the paper fine-tunes an ImageNet ResNet with frozen BN, a ResNet-18 pretrained on the set's crops (pretrain.py).
-# Spelled out, not derived from QUICKSTART: a faster quick start must not change the Table 1 study.
-DENSE = dict(arch="resnet18", norm="frozen", freeze_at=2, backbone_weights=pretrain.WEIGHTS, channels=64,
-             head_norm="gn", anchor_sizes=[16, 32, 64, 128, 256], min_size=192, max_size=192, batch_size=8, lr=0.04,
-             iters=800, steps=[600, 720], warmup_iters=100, ckpt_every=200, workers=1, train_split="train",
-             val_split="val", out="runs/dense", size_divisible=32)
-PRESETS = {"paper": PAPER, "quickstart": QUICKSTART, "dense": DENSE}
-SYNTHETIC = {"quickstart": ("data/shapes", shapes.make_shapes), "dense": ("data/dense", shapes.make_dense)}
+from recipes import PAPER, PRESETS, QUICKSTART, SYNTHETIC
 
 
 def get_args_parser():
@@ -79,7 +60,7 @@ def get_args_parser():
     a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
     a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
     a("--device", help="cpu or cuda (default: cuda when available)")
-    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="memory format (auto: nhwc on CUDA and AVX-512 CPUs)")
+    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="memory format (auto: nhwc on CUDA, AVX-512)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels: --resume reproduces a GPU run too")
     a("--aspect-grouping", action=argparse.BooleanOptionalAction, default=True,
       help="batch landscape with landscape and portrait with portrait images (less padding)")
@@ -187,8 +168,12 @@ def main(args):
     if args.eval_only:
         if not args.weights:
             raise ValueError("--eval-only needs --weights CHECKPOINT")
-        model = W.load_checkpoint(args.weights, device)
-        stats = evaluate(model, datasets(args, train=False)[1], rank=rank, world=world, out_dir=args.out)
+        model, val = W.load_checkpoint(args.weights, device), datasets(args, train=False)[1]
+        try:
+            category_ids(model.cfg, val)  # a model of other classes: one line naming both files
+        except ValueError as e:
+            raise ValueError(f"{args.weights}: {e}") from None
+        stats = evaluate(model, val, rank=rank, world=world, out_dir=args.out)
         print0(json.dumps(stats))
         return {"model": model, "stats": stats}
 

@@ -220,7 +220,7 @@ def test_deterministic_and_channels_last_train_as_the_default_run(tiny_shapes, t
     monkeypatch.setattr(torch.cuda, "is_available", lambda: seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
     try:
-        det = run(tiny_shapes, str(tmp_path / "b"), iters=2, deterministic=True, **{"no-eval": True})
+        det = run(tiny_shapes, str(tmp_path / "b"), iters=2, deterministic=True, layout="nchw", **{"no-eval": True})
         assert torch.are_deterministic_algorithms_enabled() and seen and seen[0] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
