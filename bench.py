@@ -8,7 +8,7 @@ Both models hold the same weights (ours converted with weights.from_torchvision)
 fine-tuning setup: frozen batch norm, stem and res2 frozen, 80 classes. They alternate over --repeats
 after a warm-up; the table gives the medians and ours / torchvision, and each row says whether the
 two results agreed (losses within 1e-4 relative, the same detections, the same assignments).
-One row races the quick start's training iteration (train.QUICKSTART: ResNet-18 from scratch, 16 images of
+One row races the quick start's training iteration (recipes.QUICKSTART: ResNet-18 from scratch, 16 images of
 160 px) against the same detector built from torchvision's parts, ours in the layout train.py picks.
 The pairs and their checks are in bench_pairs.py.
 Peak memory is measured in a fresh process per model. The table also goes to bench.json.
@@ -20,13 +20,17 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 import bench_pairs as P
 import data as D
+import export
+import recipes
 import train
+import weights as W
 
 FULL = dict(train_size=512, infer_size=(800, 1216), infer_batch=4, focal=(2, 120000, 80), match_images=8,
             match_size=(800, 1333), repeats=5, warmup=1, memory_runs=3, quickstart_batch=16)
@@ -121,7 +125,7 @@ def main(args):
     tv_q, ours_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
     if train.channels_last("auto", device):
         ours_q = ours_q.to(memory_format=torch.channels_last)
-    n, q = p["quickstart_batch"], train.QUICKSTART["min_size"]
+    n, q = p["quickstart_batch"], recipes.QUICKSTART["min_size"]
     images_q = [torch.rand(3, q, q, generator=g).to(device) for _ in range(n)]
     targets_q = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(n, (q, q), g, num_classes=4)]
     ok, message = P.check_train_losses(tv_q, ours_q, images_q, targets_q)
@@ -139,12 +143,22 @@ def main(args):
     h, w = p["infer_size"]
     tv, ours = P.make_pair((h, w), device)
     ours = ours.for_inference()  # as infer.py and app.py run it: frozen BN folded, channels-last
-    for n in (1, p["infer_batch"]):
-        imgs = [torch.rand(3, h, w, generator=g).to(device) for _ in range(n)]
+    batches = {n: [torch.rand(3, h, w, generator=g).to(device) for _ in range(n)] for n in (1, p["infer_batch"])}
+    for n, imgs in batches.items():
         tv_run, our_run = P.inference_pair(tv, ours, imgs)
         check = P.same_detections(tv_run(), our_run())
         row(f"inference with pre/postprocessing: {n} x {h}x{w}",
             race(tv_run, our_run, p["repeats"], p["warmup"], device), check, 0.9)
+    if device.type == "cpu":  # the exported network on ONNX Runtime's CPU provider, inside our model.detect
+        with tempfile.TemporaryDirectory() as tmp:
+            export.export_onnx(ours, os.path.join(tmp, "retinanet.onnx"))
+            runtime = W.OnnxRetinaNet(os.path.join(tmp, "retinanet.onnx"))  # loaded: the file may go
+        threads = f"ONNX Runtime {runtime.threads} intra-op threads, 1 inter-op; PyTorch {torch.get_num_threads()}"
+        for n, imgs in batches.items():
+            tv_run, ort_run = P.inference_pair(tv, runtime, imgs)
+            ok, message = P.same_detections(tv_run(), ort_run(), score_atol=1e-4)
+            row(f"inference with ONNX Runtime, pre/postprocessing: {n} x {h}x{w}",
+                race(tv_run, ort_run, p["repeats"], p["warmup"], device), (ok, f"{message} ({threads})"), 0.5)
     tv_fl, our_fl = P.focal_pair(p["focal"], device, g)
     (lt, gt), (lo, go) = tv_fl(), our_fl()
     ok = abs(lo - lt) / lt < 1e-4 and torch.allclose(go, gt, rtol=1e-4, atol=1e-7)

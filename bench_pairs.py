@@ -8,15 +8,16 @@ from functools import partial
 import torch
 from torch import nn
 from torchvision.models import resnet18
-from torchvision.models.detection import RetinaNet, _utils as tv_utils
-from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import anchors as A
 import model as M
+import recipes
 import weights as W
 from loss import focal_loss, retinanet_loss
 
@@ -45,11 +46,9 @@ def make_pair(size, device, seed=0):
 
 
 def make_quickstart_pair(device, num_classes=4, seed=0):
-    """The quick start's detector (train.QUICKSTART: ResNet-18 with trainable BN, 64-channel FPN, GroupNorm
+    """The quick start's detector (recipes.QUICKSTART: ResNet-18 with trainable BN, 64-channel FPN, GroupNorm
     heads, anchors 16-256, 160 px) built from torchvision's parts, and ours with its weights, in training mode."""
-    import train  # the quick start's recipe lives there; bench sits on top of it
-
-    q = train.QUICKSTART
+    q = recipes.QUICKSTART
     torch.manual_seed(seed)
     body = resnet18(weights=None)  # trainable BatchNorm2d, as the quick start trains from scratch
     c = q["channels"]
@@ -147,13 +146,29 @@ def inference_pair(tv, ours, images):
     return tv_run, lambda: M.detect(ours, images)
 
 
-def same_detections(expected, got):
-    for e, o in zip(expected, got):
-        same = len(e["boxes"]) == len(o["boxes"]) and torch.equal(e["labels"], o["labels"])
-        if not (same and torch.allclose(e["boxes"], o["boxes"], atol=1e-3) and
-                torch.allclose(e["scores"], o["scores"], atol=1e-5)):
-            return False, "detections differ"
-    return True, f"the same {sum(len(d['boxes']) for d in got)} detections"
+def same_detections(expected, got, score_atol=1e-5, box_atol=1e-3):
+    """The same detections: as many, each with a partner of the same label, box within box_atol px and score
+    within score_atol (ONNX Runtime's own kernels and fusions: 1e-4, as the export's tests). Partners, not
+    positions: detections whose scores tie within rounding come out of top-k and NMS in either order.
+    Says how close they came, or where they part."""
+    box, score = 0.0, 0.0
+    for i, (e, o) in enumerate(zip(expected, got)):
+        if len(e["boxes"]) != len(o["boxes"]):
+            return False, f"detections differ (image {i}: {len(e['boxes'])} vs {len(o['boxes'])})"
+        if not len(e["boxes"]):
+            continue
+        apart = torch.cdist(e["boxes"], o["boxes"], p=float("inf"))  # (D, D) largest coordinate difference
+        apart[(e["labels"][:, None] != o["labels"][None]) |
+              ((e["scores"][:, None] - o["scores"][None]).abs() > score_atol)] = float("inf")
+        nearest, partner = apart.min(1)
+        if len(set(partner.tolist())) != len(partner) or not nearest.isfinite().all():
+            return False, f"detections differ (image {i}: labels or scores without a partner)"
+        box = max(box, nearest.max().item())
+        score = max(score, (e["scores"] - o["scores"][partner]).abs().max().item())
+    n = sum(len(d["boxes"]) for d in got)
+    if box > box_atol or score > score_atol:
+        return False, f"detections differ: boxes up to {box:.1e} px, scores up to {score:.1e} apart"
+    return True, f"the same {n} detections (boxes within {box:.0e} px, scores within {score:.0e})"
 
 
 def focal_pair(shape, device, g):

@@ -202,7 +202,8 @@ def detect(model, images, score_thresh=None):
     Each image is padded on its own and batched only with images of the same padded size: no pixel
     is spent on another image's padding, and an image's detections never depend on its companions.
     """
-    cfg, device, was_training = model.cfg, next(model.parameters()).device, model.training
+    param = next(model.parameters(), None)  # none: an ONNX Runtime model (weights.OnnxRetinaNet), on the CPU
+    cfg, device, was_training = model.cfg, param.device if param is not None else torch.device("cpu"), model.training
     model.eval()
     singles = [preprocess([img.to(device)], cfg) for img in images]  # [((1, 3, H, W), [(h, w)])]
     groups = {}

@@ -7,6 +7,8 @@ torchvision's state-dict keys to ours (`torchvision_key`) and `torchvision_confi
 torchvision departs from the paper (v1 takes P6 from P5; the paper from C5). Checkpoints are read with
 weights_only=True: a file cannot run code.
 """
+import json
+import os
 import re
 
 import torch
@@ -64,9 +66,14 @@ def from_torchvision(state_dict, version=1, class_names=()):
 
 def load_checkpoint(path, device="cpu"):
     """The model of a checkpoint written by train.py (its ModelConfig rebuilds it), in eval mode;
-    path 'torchvision' or 'torchvision-v2' gives torchvision's COCO model (load_torchvision)."""
+    path 'torchvision' or 'torchvision-v2' gives torchvision's COCO model (load_torchvision), a .onnx
+    file written by export.py the network run by ONNX Runtime (OnnxRetinaNet, CPU)."""
     if path in ("torchvision", "torchvision-v2"):
         return load_torchvision(2 if path.endswith("v2") else 1).to(device)
+    if str(path).endswith(".onnx"):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{path}: ONNX models run on ONNX Runtime's CPU provider here, not on {device}")
+        return OnnxRetinaNet(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -94,3 +101,44 @@ def load_torchvision(version=1):
                              version, class_names=names)
     model.cfg.category_ids = tuple(range(len(names)))  # torchvision's label is the COCO category id
     return model.eval()
+
+
+ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes the ModelConfig as JSON under this metadata key
+
+
+class OnnxRetinaNet(torch.nn.Module):
+    """An ONNX file of export.py run by ONNX Runtime's CPU provider in RetinaNet's place: the same
+    forward(images (N, 3, H, W)) -> (cls_logits (N, R, K), box_deltas (N, R, 4)) and cfg, so that
+    model.detect, evaluate and infer.py run it unchanged. It has no parameters: model.detect then
+    keeps the tensors on the CPU. threads: ONNX Runtime's intra-op threads (default PyTorch's count)."""
+
+    def __init__(self, path, threads=None):
+        super().__init__()
+        import onnxruntime as ort  # only running ONNX files needs it
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # not protobuf, a truncated file, an unknown op
+            reason = str(e).splitlines()[0][:120]
+            raise ValueError(f"{path}: not an ONNX model ONNX Runtime can load ({reason})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if ONNX_CONFIG_KEY not in meta:
+            raise ValueError(f"{path}: an ONNX model without this project's metadata (no '{ONNX_CONFIG_KEY}'); "
+                             f"write it with export.py")
+        self.cfg, self.path = ModelConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY])), path
+        self.threads = options.intra_op_num_threads
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, images):
+        batch = images.detach().float().cpu().contiguous().numpy()  # (N, 3, H, W) NCHW, as exported
+        cls_logits, box_deltas = self.session.run(None, {self.input: batch})
+        return torch.from_numpy(cls_logits), torch.from_numpy(box_deltas)
+
+    def for_inference(self):
+        return self.eval()

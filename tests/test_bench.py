@@ -17,7 +17,7 @@ def test_quick_bench_runs_and_its_equality_checks_pass(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.load(open(out))["rows"]
-    assert len(rows) == 7 and all(r["equal"] for r in rows), [r["check"] for r in rows]
+    assert len(rows) == 9 and all(r["equal"] for r in rows), [r["check"] for r in rows]
     assert all(r["ours"] > 0 and r["torchvision"] > 0 for r in rows)
     assert "| training step" in proc.stdout  # the markdown table is printed
 
@@ -53,3 +53,14 @@ def test_cuda_device_is_made_current_with_tf32_off(monkeypatch):
     finally:
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
     assert bench.setup_device("cpu") == torch.device("cpu") and len(chosen) == 2
+
+
+def test_same_detections_pairs_tied_scores_in_either_order_and_catches_a_moved_box():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [300, 300, 400, 420], [50, 50, 60, 60]])
+    det = {"boxes": boxes, "scores": torch.tensor([0.9, 0.5, 0.5 - 1e-7]), "labels": torch.tensor([1, 2, 2])}
+    swapped = {k: v[[0, 2, 1]] for k, v in det.items()}  # the tie came out of NMS the other way round
+    assert bench_pairs.same_detections([det], [swapped])[0]
+    moved = {**det, "boxes": boxes + torch.tensor([[0.0, 0, 0, 2e-3], [0, 0, 0, 0], [0, 0, 0, 0]])}
+    relabelled = {**det, "labels": torch.tensor([0, 2, 2])}
+    fewer = {k: v[:2] for k, v in det.items()}
+    assert not any(bench_pairs.same_detections([det], [d])[0] for d in (moved, relabelled, fewer))
