@@ -27,6 +27,7 @@ import warnings
 import torch
 
 import data as D
+import infer
 import weights as W
 
 DEFAULT_OUT = "runs/export/retinanet.onnx"
@@ -76,7 +77,7 @@ def export_onnx(model, path, opset=18):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="runs/quickstart/checkpoint.pt",
+    p.add_argument("--weights", default=infer.DEFAULT_WEIGHTS,
                    help="checkpoint of this project, 'torchvision' or 'torchvision-v2'")
     p.add_argument("--out", default=DEFAULT_OUT, help="the ONNX file; the .pt2 program goes beside it")
     p.add_argument("--no-program", action="store_true", help="write only the ONNX file")
@@ -87,7 +88,9 @@ def get_args_parser():
 def main(args):
     if not args.out.endswith(".onnx"):
         raise ValueError(f"{args.out}: the output must end in .onnx")
-    model = W.load_checkpoint(args.weights).for_inference()
+    if str(args.weights).endswith(".onnx"):
+        raise ValueError(f"{args.weights}: already exported; export.py takes a checkpoint or 'torchvision'")
+    model = infer.load_model(args.weights)  # as infer.py runs it: BN folded, channels-last
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.no_grad():
         export_onnx(model, args.out, args.opset)

@@ -64,7 +64,7 @@ def collect_logits(model, ds, batch_size=8, max_images=None, max_negatives=10**7
     does) and only their own anchors count (centre inside the image, not over padding), so the result
     does not depend on batch_size. Beyond max_negatives,
     the negatives are a uniform sample (as Fig. 4's); "neg_weight" is how many each stands for."""
-    cfg, device = model.cfg, next(model.parameters()).device
+    cfg, device = model.cfg, M.model_device(model)
     count = len(ds) if max_images is None else min(len(ds), max_images)
     if count == 0:
         raise ValueError("the dataset has no images")

@@ -4,6 +4,7 @@
     python infer.py photos/ more.png --out runs/infer --json detections.json
     python infer.py street.jpg --weights torchvision           # torchvision's COCO RetinaNet (downloads once)
     python infer.py street.jpg --weights runs/retinanet/checkpoint.pt --score-thresh 0.3 --device cuda
+    python infer.py photo.jpg --weights runs/export/retinanet.onnx     # export.py's file, run by ONNX Runtime
 
 Writes each image with its boxes, class names and scores drawn into --out, prints a table per image,
 and with --json writes every detection in COCO results format. Everything the model needs (config,
@@ -96,7 +97,8 @@ def image_id(path, index):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="images, or folders of images")
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint path, 'torchvision' or 'torchvision-v2'")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help="checkpoint, .onnx file (export.py), 'torchvision' or 'torchvision-v2'")
     p.add_argument("--out", default="runs/infer", help="folder for the annotated images")
     p.add_argument("--json", help="write all detections to this file in COCO results format")
     p.add_argument("--score-thresh", type=float, default=0.5, help="show detections above this score")

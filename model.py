@@ -5,7 +5,7 @@ and its inference (§4 "Inference").
 (cls_logits (N, R, K), box_deltas (N, R, 4)), the same in train and eval mode. Everything else is a
 plain function beside it: `preprocess` (resize_image, normalise, pad), `make_anchors`, `postprocess`
 (threshold, top-k, decode, NMS), `detect` (all of it for a list of images). Losses live in loss.py;
-loading a checkpoint, this project's or torchvision's, in weights.py.
+loading a checkpoint, this project's, torchvision's or an exported ONNX file, in weights.py.
 
 Shape legend: N images, R anchors, K classes, M boxes, A anchors per location (9).
 """
@@ -195,6 +195,12 @@ def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, origina
     return results
 
 
+def model_device(model):
+    """Where the model's weights are; the CPU for a model without parameters (weights.OnnxRetinaNet)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.inference_mode()
 def detect(model, images, score_thresh=None):
     """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates.
@@ -202,8 +208,7 @@ def detect(model, images, score_thresh=None):
     Each image is padded on its own and batched only with images of the same padded size: no pixel
     is spent on another image's padding, and an image's detections never depend on its companions.
     """
-    param = next(model.parameters(), None)  # none: an ONNX Runtime model (weights.OnnxRetinaNet), on the CPU
-    cfg, device, was_training = model.cfg, param.device if param is not None else torch.device("cpu"), model.training
+    cfg, device, was_training = model.cfg, model_device(model), model.training
     model.eval()
     singles = [preprocess([img.to(device)], cfg) for img in images]  # [((1, 3, H, W), [(h, w)])]
     groups = {}

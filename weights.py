@@ -114,10 +114,12 @@ class OnnxRetinaNet(torch.nn.Module):
 
     def __init__(self, path, threads=None):
         super().__init__()
-        import onnxruntime as ort  # only running ONNX files needs it
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such ONNX file")
+        try:
+            import onnxruntime as ort  # only running ONNX files needs it
+        except ImportError:
+            raise ValueError(f"{path}: running ONNX needs onnxruntime (pip install -r requirements.txt)") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -125,13 +127,16 @@ class OnnxRetinaNet(torch.nn.Module):
         try:
             self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # not protobuf, a truncated file, an unknown op
-            reason = str(e).splitlines()[0][:120]
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
             raise ValueError(f"{path}: not an ONNX model ONNX Runtime can load ({reason})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_CONFIG_KEY not in meta:
             raise ValueError(f"{path}: an ONNX model without this project's metadata (no '{ONNX_CONFIG_KEY}'); "
                              f"write it with export.py")
-        self.cfg, self.path = ModelConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY])), path
+        try:
+            self.cfg, self.path = ModelConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY])), path
+        except (ValueError, TypeError) as e:  # not JSON, or a config of another version of this project
+            raise ValueError(f"{path}: its {ONNX_CONFIG_KEY!r} metadata is no config of this project ({e})") from None
         self.threads = options.intra_op_num_threads
         self.input = self.session.get_inputs()[0].name
 

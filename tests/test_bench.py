@@ -63,4 +63,6 @@ def test_same_detections_pairs_tied_scores_in_either_order_and_catches_a_moved_b
     moved = {**det, "boxes": boxes + torch.tensor([[0.0, 0, 0, 2e-3], [0, 0, 0, 0], [0, 0, 0, 0]])}
     relabelled = {**det, "labels": torch.tensor([0, 2, 2])}
     fewer = {k: v[:2] for k, v in det.items()}
-    assert not any(bench_pairs.same_detections([det], [d])[0] for d in (moved, relabelled, fewer))
+    twice = {k: v[[0, 0, 2]] for k, v in det.items()}  # one detection standing in for two
+    assert not any(bench_pairs.same_detections([det], [d])[0] for d in (moved, relabelled, fewer, twice))
+    assert not bench_pairs.same_detections([det, det], [det])[0]

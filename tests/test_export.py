@@ -5,12 +5,16 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 from torchvision.models.detection import retinanet_resnet50_fpn
 
+import bench_pairs
+import data as D
 import export
+import fig4
 import infer
 import model as M
 import weights as W
@@ -24,12 +28,10 @@ def close(expected, got, rel=1e-4):
 
 
 def same_detections(expected, got):
-    """The same labels in the same order, boxes within 1e-3 px, scores within 1e-4."""
-    for path, e in expected.items():
-        g = got[path]
-        assert torch.equal(e["labels"], g["labels"]), path
-        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=0)
+    """bench.py's check: as many detections, each with a partner of its label, box within 1e-3 px, score within 1e-4."""
+    assert list(expected) == list(got)
+    ok, message = bench_pairs.same_detections(list(expected.values()), list(got.values()), score_atol=1e-4)
+    assert ok, message
 
 
 def detections(paths, weights, out, thresh="0.05"):
@@ -127,3 +129,20 @@ def test_exported_model_of_other_classes_is_refused_in_evaluation(exported, tmp_
     with pytest.raises(ValueError, match=r"tiny.onnx: .*instances_val2017.json: the model's classes are not this"):
         run(coco, str(tmp_path / "ev"), **{"eval-only": True, "weights": exported[1], "val-split": "val2017"})
     assert not os.path.exists(tmp_path / "ev" / "eval.json")
+
+
+def test_fig4_runs_an_onnx_model_as_the_checkpoint(exported, tiny_shapes):
+    ds = D.CocoDetection(*D.coco_paths(tiny_shapes, "val"), train=True, min_size=96, max_size=96, flip=0.0)
+    got, want = (fig4.collect_logits(infer.load_model(w), ds, progress=lambda x, total: x) for w in exported[::-1])
+    for key in ("pos", "neg"):
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4 * np.abs(want[key]).max())
+
+
+def test_export_refuses_an_onnx_input_and_foreign_metadata(exported, tmp_path):
+    with pytest.raises(ValueError, match="tiny.onnx: already exported"):
+        export.main(export.get_args_parser().parse_args(["--weights", exported[1], "--out", str(tmp_path / "x.onnx")]))
+    proto = onnx.load(exported[1])
+    next(p for p in proto.metadata_props if p.key == W.ONNX_CONFIG_KEY).value = '{"no_such_field": 1}'
+    onnx.save(proto, str(tmp_path / "future.onnx"))
+    with pytest.raises(ValueError, match="future.onnx: its 'retinanet_config' metadata is no config of this project"):
+        infer.load_model(str(tmp_path / "future.onnx"))

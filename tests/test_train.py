@@ -12,6 +12,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 import checkpoint as C
 import data as D
+import recipes
 import shapes
 import train
 import weights as W
@@ -213,7 +214,7 @@ def test_auto_layout_is_channels_last_on_cuda_and_on_avx512_cpus_only(monkeypatc
         assert not train.channels_last("nchw", cuda) and train.channels_last("nhwc", cpu)
 
 
-def test_deterministic_and_channels_last_train_as_the_default_run(tiny_shapes, tmp_path, monkeypatch):
+def test_deterministic_and_channels_last_train_as_an_nchw_run(tiny_shapes, tmp_path, monkeypatch):
     base = run(tiny_shapes, str(tmp_path / "a"), iters=2, layout="nchw", **{"no-eval": True})["model"].state_dict()
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seen = []  # cuBLAS's workspace setting as the first question to CUDA finds it: it is read once
@@ -268,7 +269,7 @@ def test_a_non_finite_buffer_stops_the_run_at_its_checkpoint(tiny_shapes, tmp_pa
 @pytest.mark.parametrize("local_rank,writes", [("0", True), ("1", False)])
 def test_the_quick_start_set_is_written_by_each_nodes_first_process(tmp_path, monkeypatch, local_rank, writes):
     written = []
-    monkeypatch.setitem(train.SYNTHETIC, "quickstart", ("data/shapes", written.append))
+    monkeypatch.setitem(recipes.SYNTHETIC, "quickstart", ("data/shapes", written.append))
     monkeypatch.setenv("LOCAL_RANK", local_rank)  # no RANK / WORLD_SIZE: one process, told it is the node's n-th
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError):  # nothing was really written
