@@ -146,14 +146,15 @@ def inference_pair(tv, ours, images):
     return tv_run, lambda: M.detect(ours, images)
 
 
-def same_detections(expected, got, score_atol=1e-5, box_atol=1e-3):
-    """The same detections: as many, each with a partner of the same label, box within box_atol px and score
-    within score_atol (ONNX Runtime's own kernels and fusions: 1e-4, as the export's tests). Partners, not
-    positions: detections whose scores tie within rounding come out of top-k and NMS in either order.
+def same_detections(expected, got, score_atol=1e-5, box_atol=1e-3, box_rtol=1e-6):
+    """The same detections: as many, each with a partner of the same label, score within score_atol (ONNX
+    Runtime's own kernels and fusions: 1e-4, as the export's tests) and box within box_atol px plus box_rtol
+    of the coordinate (float32 rounding through ResNet-50 and exp(dw): 1.1e-3 px seen at 1,216 px). Partners,
+    not positions: detections whose scores tie within rounding come out of top-k and NMS in either order.
     Says how close they came, or where they part."""
     if len(expected) != len(got):
         return False, f"detections differ ({len(expected)} vs {len(got)} images)"
-    box, score = 0.0, 0.0
+    box, excess, score = 0.0, 0.0, 0.0
     for i, (e, o) in enumerate(zip(expected, got)):
         if len(e["boxes"]) != len(o["boxes"]):
             return False, f"detections differ (image {i}: {len(e['boxes'])} vs {len(o['boxes'])})"
@@ -165,13 +166,13 @@ def same_detections(expected, got, score_atol=1e-5, box_atol=1e-3):
         nearest, partner = apart.min(1)
         if len(set(partner.tolist())) != len(partner) or not nearest.isfinite().all():
             return False, f"detections differ (image {i}: a label or score without a partner)"
-        box = max(box, nearest.max().item())
+        diff = (e["boxes"] - o["boxes"][partner]).abs()
+        box, excess = max(box, diff.max().item()), max(excess, (diff - box_rtol * e["boxes"].abs()).max().item())
         score = max(score, (e["scores"] - o["scores"][partner]).abs().max().item())
     n = sum(len(d["boxes"]) for d in got)
-    if box > box_atol:  # scores are within score_atol: a partner has to be
+    if excess > box_atol:  # scores are within score_atol: a partner has to be
         return False, f"detections differ: boxes up to {box:.1e} px apart"
     return True, f"the same {n} detections (boxes within {box:.0e} px, scores within {score:.0e})"
-
 
 def focal_pair(shape, device, g):
     logits = (torch.randn(shape, generator=g) * 2 - 3).to(device)

@@ -61,6 +61,8 @@ def test_same_detections_pairs_tied_scores_in_either_order_and_catches_a_moved_b
     swapped = {k: v[[0, 2, 1]] for k, v in det.items()}  # the tie came out of NMS the other way round
     assert bench_pairs.same_detections([det], [swapped])[0]
     moved = {**det, "boxes": boxes + torch.tensor([[0.0, 0, 0, 2e-3], [0, 0, 0, 0], [0, 0, 0, 0]])}
+    rounded = {**det, "boxes": boxes + torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 1.3e-3], [0, 0, 0, 0]])}  # 420 px
+    assert bench_pairs.same_detections([det], [rounded])[0]  # within 1e-3 px + 1e-6 of the coordinate
     relabelled = {**det, "labels": torch.tensor([0, 2, 2])}
     fewer = {k: v[:2] for k, v in det.items()}
     twice = {k: v[[0, 0, 2]] for k, v in det.items()}  # one detection standing in for two

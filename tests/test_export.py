@@ -30,7 +30,8 @@ def close(expected, got, rel=1e-4):
 def same_detections(expected, got):
     """bench.py's check: as many detections, each with a partner of its label, box within 1e-3 px, score within 1e-4."""
     assert list(expected) == list(got)
-    ok, message = bench_pairs.same_detections(list(expected.values()), list(got.values()), score_atol=1e-4)
+    ok, message = bench_pairs.same_detections(list(expected.values()), list(got.values()), score_atol=1e-4,
+                                              box_rtol=0)
     assert ok, message
 
 
