@@ -55,7 +55,8 @@ def eq5_decimal(x, t, alpha, gamma):
     return -alpha_t * (1 - p_t) ** Decimal(gamma) * p_t.ln()
 
 
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.75, 0.0), (None, 0.0), (None, 1.0), (0.5, 0.5)])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.75, 0.0), (None, 0.0), (None, 1.0), (0.5, 0.5), (0.25, 1.0),
+                                         (0.25, 5.0)])  # the last two: Table 1b's (e1) and (e5) rows
 def test_focal_loss_equals_eq5_in_float64(alpha, gamma):
     logits, targets = sample(scale=5.0)
     logits = logits.clamp(-15, 15)  # float64 holds 1 - p to 1e-9 relative here
