@@ -12,7 +12,7 @@ and so are H and W in multiples of the checkpoint's size_divisible (32), as mode
 The inference around it (§4 "Inference": resize, normalise, pad; threshold, per-level top-k, decode,
 class-wise NMS) stays the project's one Python code, model.detect, for either engine: its steps
 have data-dependent sizes (the scores above 0.05, top-k of those), which torch.export can trace only
-as unbacked sizes and ONNX Runtime would run as a second, slower copy of model.postprocess.
+as unbacked sizes, and in the graph they would be a second copy of model.postprocess to keep equal.
 
 The checkpoint's ModelConfig (classes, category ids, test scale, anchors, thresholds) goes into the
 ONNX file's metadata under "retinanet_config", so the file alone is enough: weights.load_checkpoint
