@@ -7,6 +7,7 @@ with error bars and the imbalance sweep (ablate.py), anchor coverage, evaluation
     python analyze.py ablate                                   # Table 1 (a)-(f) on the quick start's set (~30 min)
     python analyze.py ablate --preset dense                    # Table 1 with seeds on the dense set (the study)
     python analyze.py sweep                                    # FL - CE at three levels of imbalance
+    python analyze.py endpoint                                 # Table 1 at the endpoint, LR chosen held out
     python analyze.py anchors --data ../shared/data/coco_val2017_subset --split val2017
     python analyze.py eval --weights CKPT --data DATA          # the COCO evaluation training runs
 
@@ -24,6 +25,7 @@ import torch
 import ablate
 import anchors as A
 import data as D
+import endpoint
 import infer
 import model as M
 import recipes
@@ -177,7 +179,7 @@ def cmd_eval(args):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("command", choices=["curves", "cdf", "ablate", "sweep", "anchors", "eval"])
+    a("command", choices=["curves", "cdf", "ablate", "sweep", "endpoint", "anchors", "eval"])
     a("--weights", help=f"checkpoint (default {infer.DEFAULT_WEIGHTS}); anchors: its config")
     a("--data", help="COCO-format root (default: data/shapes; ablate: its preset's set)")
     a("--split", help="split of --data (default: val, else val2017)")
@@ -193,10 +195,13 @@ def get_args_parser():
     a("--other-seeds", type=int, default=1, help="ablate: seeds of the other rows")
     a("--variants", nargs="+", default=list(ablate.VARIANTS), choices=list(ablate.VARIANTS))
     a("--levels", nargs="+", default=list(ablate.LEVELS), choices=list(ablate.LEVELS), help="sweep: the sets")
-    a("--budget-minutes", type=float, help="ablate, sweep: start no run that would end past it (default: "
+    a("--budget-minutes", type=float, help="ablate, sweep, endpoint: start no run that would end past it (default: "
       f"the miniature {ablate.MINIATURE_MINUTES}, else none; 0: none)")
-    a("--report-only", action="store_true", help="ablate, sweep: tabulate the finished runs, train none")
-    a("--train-args", default="", help="ablate, sweep: more train.py flags for every run")
+    a("--report-only", action="store_true", help="ablate, sweep, endpoint: tabulate the finished runs, train none")
+    a("--stage", choices=["lr", "table", "all"], default="all", help="endpoint: the LR runs, the table's, or both")
+    a("--rows", nargs="+", choices=list(endpoint.ROWS), help="endpoint: the table's rows (default: all)")
+    a("--ledger", help=f"endpoint: the finished runs' results (default {endpoint.LEDGER})")
+    a("--train-args", default="", help="ablate, sweep, endpoint: more train.py flags for every run")
     a("--scale", type=int, help="anchors: shorter side (default: the checkpoint's or the dataset's preset's)")
     a("--max-size", type=int, help="anchors: longest side")
     a("--score-thresh", type=float, help="eval: keep detections above it (default the checkpoint's, 0.05)")
@@ -209,8 +214,10 @@ def main(args):
     args.data = args.data or ("data/shapes" if args.command in ("cdf", "anchors", "eval") else None)
     args.weights = args.weights or (infer.DEFAULT_WEIGHTS if args.command in ("cdf", "eval") else None)
     quick = args.command == "ablate" and args.preset == "quickstart"  # the sweep trains with the dense recipe
-    args.iters = args.iters or (200 if quick else recipes.DENSE["iters"])
+    args.iters = args.iters or (200 if quick else endpoint.ITERS if args.command == "endpoint" else
+                                recipes.DENSE["iters"])
     commands = dict(curves=cmd_curves, cdf=cmd_cdf, ablate=ablate.cmd_ablate, sweep=ablate.cmd_sweep,
+                    endpoint=endpoint.cmd_endpoint,
                     anchors=cmd_anchors, eval=cmd_eval)
     return commands[args.command](args)
 

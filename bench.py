@@ -28,8 +28,8 @@ import torch
 import bench_pairs as P
 import data as D
 import export
+import model as M
 import recipes
-import train
 import weights as W
 
 FULL = dict(train_size=512, infer_size=(800, 1216), infer_batch=4, focal=(2, 120000, 80), match_images=8,
@@ -123,7 +123,7 @@ def main(args):
                                                          p["repeats"], p["warmup"], device),
             P.check_train_losses(tv, ours, images, targets, amp=True), 0.6)
     tv_q, ours_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
-    if train.channels_last("auto", device):
+    if M.channels_last("auto", device):
         ours_q = ours_q.to(memory_format=torch.channels_last)
     n, q = p["quickstart_batch"], recipes.QUICKSTART["min_size"]
     images_q = [torch.rand(3, q, q, generator=g).to(device) for _ in range(n)]

@@ -80,6 +80,27 @@ def load_coco(ann_file):
     return coco
 
 
+def holdout_split(root, split="train", holdout=500, seed=0):
+    """A held-out split of a set's training pictures, to choose by (a learning rate, a schedule's end)
+    without looking at the val pictures a table reports: root/annotations/instances_{split}_fit.json and
+    ..._holdout.json, `holdout` images drawn by `seed` and the rest, with their annotations; the images
+    stay in root/{split}/. Written once (atomically); returns the two annotation files (fit, holdout)."""
+    ann, _ = coco_paths(root, split)
+    paths = [coco_paths(root, f"{split}_{part}")[0] for part in ("fit", "holdout")]
+    if all(os.path.exists(p) for p in paths):
+        return tuple(paths)
+    with open(ann) as f:
+        data = json.load(f)
+    if not 0 < holdout < len(data["images"]):
+        raise ValueError(f"{ann}: cannot hold out {holdout} of its {len(data['images'])} images")
+    order = torch.randperm(len(data["images"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {data["images"][i]["id"] for i in order[:holdout]}
+    for path, keep in zip(paths, (lambda i: i not in held, lambda i: i in held)):
+        write_json(path, {**data, "images": [im for im in data["images"] if keep(im["id"])],
+                          "annotations": [a for a in data["annotations"] if keep(a["image_id"])]})
+    return tuple(paths)
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images (uint8, (3, H, W)) and targets {"boxes" (M, 4) xyxy, "labels" (M,), "image_id", "orig_size"}.
 

@@ -11,6 +11,8 @@ number of foreground anchors, as Detectron does. Everything here takes tensors: 
 
 Shape legend: N images, R anchors, K classes, M boxes per image.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss, nms
@@ -96,18 +98,22 @@ def box_loss(kind, deltas, anchors, boxes, beta=0.11):
     raise ValueError(f"box loss must be 'smooth_l1', 'l1' or 'giou', got {kind!r}")
 
 
-OHEM_BATCH, OHEM_NMS = 128, 0.5  # Table 1d's best OHEM 1:3 row: 128 examples an image, NMS at 0.5
+OHEM_BATCH, OHEM_NMS = 128, 0.5  # Table 1d's OHEM rows: 128 examples an image, NMS at 0.5
 
 
 def ohem_select(hardness, fg, keep, anchors, ratio=3, batch=OHEM_BATCH, nms_thresh=OHEM_NMS):
     """OHEM's examples as Table 1d builds them, per image: every example (anchor outside the ignore band)
     scored by its loss, NMS at nms_thresh over the anchor boxes, then the hardest at most batch/(1+ratio)
-    positives and ratio negatives for each of them (at least `ratio` when an image has no positive).
+    positives and ratio negatives for each of them (at least `ratio` when an image has no positive);
+    ratio = inf is Table 1d's "no ratio" row (its best, 32.8 AP): the hardest `batch`, of either kind.
     hardness (N, R), fg and keep (N, R) bool, anchors (R, 4). Returns (N, R) bool."""
     chosen = torch.zeros_like(fg)
     for n in range(len(fg)):
         candidates = keep[n].nonzero().squeeze(1)
         survivors = candidates[nms(anchors[candidates], hardness[n, candidates], nms_thresh)]  # hardest first
+        if math.isinf(ratio):
+            chosen[n, survivors[:batch]] = True
+            continue
         pos = survivors[fg[n, survivors]][: batch // (1 + int(ratio))]
         neg = survivors[~fg[n, survivors]][: min(batch - len(pos), int(ratio * max(1, len(pos))))]
         chosen[n, pos], chosen[n, neg] = True, True
@@ -222,4 +228,21 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, *, alph
     n_idx, r_idx = fg.nonzero(as_tuple=True)  # F foreground anchors over the batch
     matched_boxes = boxes[n_idx, matched[n_idx, r_idx]]  # (F, 4)
     box = box_loss(box_loss_type, box_deltas[n_idx, r_idx].float(), anchors[r_idx], matched_boxes, beta)
-    return {"cls": cls / normalizer, "box": box / normalizer}
+    return {"cls": cls / normalizer, "box": box / normalizer, "monitor": monitor(cls_logits, targets, keep)}
+
+
+MONITOR = ("pos_logit", "neg_logit", "scored_above_0.05")  # what train.py logs of the classifier
+
+
+@torch.no_grad()
+def monitor(cls_logits, targets, keep, thresh=0.05):
+    """What the classifier does to a batch, to tell a stalled run's cause (collapse to "all background",
+    a blow-up): the mean logit of the positive and of the negative (anchor, class) samples outside the
+    ignore band (NaN without positives), and the fraction of anchors whose best score exceeds `thresh`
+    (what inference keeps, §4). cls_logits, targets (N, R, K), keep (N, R). Returns a (3,) tensor."""
+    x = cls_logits.detach().float()
+    kept = keep.unsqueeze(-1).float()  # (N, R) -> (N, R, 1)
+    n_pos, n_all = (targets * kept).sum(), kept.sum() * x.shape[-1]
+    s_pos, s_all = (x * targets * kept).sum(), (x * kept).sum()
+    above = (x.amax(-1) > torch.logit(torch.tensor(thresh))).float().mean()  # (N, R, K) -> (N, R)
+    return torch.stack([s_pos / n_pos, (s_all - s_pos) / (n_all - n_pos), above])

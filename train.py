@@ -32,7 +32,7 @@ import model as M
 import pretrain
 import weights as W
 from evaluate import category_ids, evaluate
-from loss import batch_shares, retinanet_loss
+from loss import MONITOR, batch_shares, retinanet_loss
 from recipes import PAPER, PRESETS, QUICKSTART, SYNTHETIC
 
 
@@ -55,7 +55,7 @@ def get_args_parser():
     a("--gamma", type=float, default=2.0, help="gamma of FL (0: alpha-balanced CE)")
     a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
     a("--box-loss", default="smooth_l1", choices=["smooth_l1", "l1", "giou"])
-    a("--ohem", type=float, default=0, help="OHEM negatives:positives ratio instead of FL over all (Table 1d)")
+    a("--ohem", type=float, default=0, help="OHEM negatives:positives ratio, not FL over all (Table 1d; inf: no ratio)")
     a("--momentum", type=float, default=0.9), a("--weight-decay", type=float, default=1e-4)
     a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
     a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
@@ -86,15 +86,6 @@ def fill_defaults(args):
     args.head_norm = None if args.head_norm == "none" else args.head_norm
     args.iters, args.steps = round(args.iters * args.schedule), [round(s * args.schedule) for s in args.steps]
     return args
-
-
-def channels_last(layout, device):
-    """The memory layout of training, by --layout or, for auto, by the device: cuDNN's float16 convolutions
-    prefer channels-last, and so does oneDNN on a CPU with AVX-512 (the quick start's iteration 1.19x faster);
-    with AVX2 only, oneDNN's channels-last 3x3 backward was 1.7x slower, so NCHW (docs/performance.md)."""
-    if layout != "auto":
-        return layout == "nhwc"
-    return device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def print0(*a, **kw):
@@ -184,7 +175,7 @@ def main(args):
     cfg = model.cfg
     if ddp and cfg.norm == "bn":  # trainable BN: normalise over all processes' images, as one process would
         model = B.sync_batch_norm(model)  # before the optimizer takes the parameters
-    nhwc = channels_last(args.layout, device)
+    nhwc = M.channels_last(args.layout, device)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
     isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else device.type
@@ -244,8 +235,9 @@ def main(args):
         # has averaged the gradients: every rank sees the same numbers and stops together.
         grads = [] if amp else [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-        loss_value, cls_value, box_value, grad_norm = torch.cat([  # one device sync for all four
-            all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach()), norm.reshape(1)]).tolist()
+        loss_value, cls_value, box_value, grad_norm, *watch = torch.cat([  # one device sync for all
+            all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach()), norm.reshape(1),
+            losses["monitor"]]).tolist()  # the monitor: rank 0's own images
         where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"iteration {it}: loss is {loss_value}; stopped. Last good checkpoint: {where}")
@@ -260,7 +252,8 @@ def main(args):
             speed = (done - start) * args.batch_size / (time.time() - t0)
             row = {"iter": done, "loss": loss_value, "cls": cls_value, "box": box_value,
                    "lr": scheduler.get_last_lr()[0], "img_per_s": float(f"{speed:.3g}"),
-                   "pixels_per_image_pixel": round(pixels[0] / pixels[1], 4)}  # 1.0: no padding
+                   "pixels_per_image_pixel": round(pixels[0] / pixels[1], 4),  # 1.0: no padding
+                   **{k: None if math.isnan(v) else round(v, 5) for k, v in zip(MONITOR, watch)}}
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.4f}", img_s=f"{speed:.1f}")

@@ -190,16 +190,21 @@ def test_a_fresh_clone_starts_without_a_checkpoint(tiny_shapes, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_the_study_and_the_miniature_are_both_shown(tmp_path):
+def test_the_endpoint_table_the_study_and_the_miniature_are_all_shown(tmp_path, monkeypatch):
     import json
 
     import app
+    import endpoint
 
+    monkeypatch.setattr(endpoint, "LEDGER", str(tmp_path / "ledger.json"))
     assert "analyze.py ablate --preset dense" in app.study_tables(str(tmp_path))  # none yet: how to get them
     for preset, iters in (("dense", 800), ("quickstart", 200)):
         (tmp_path / f"ablate_{preset}.json").write_text(json.dumps({"iters": iters, "markdown": f"| {preset} |"}))
+    run = {"stats": {"AP": 0.3}, "val": {"AP": 0.25}, "curve": [{"iter": i, "eval": {"AP": 0.3}} for i in (1800, 2400)]}
+    (tmp_path / "ledger.json").write_text(json.dumps({endpoint.key("d", 0.02, 0, endpoint.ITERS): run}))
     text = app.study_tables(str(tmp_path))
     assert "dense set" in text and "| dense |" in text and "miniature" in text and "| quickstart |" in text
+    assert endpoint.tables(endpoint.ledger())["markdown"] in text
 
 
 def test_a_model_of_other_classes_starts_and_fig4_says_why_it_cannot(tiny_checkpoint, tmp_path):

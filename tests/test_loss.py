@@ -274,3 +274,23 @@ def test_ohem_takes_the_hardest_examples_of_each_image_after_nms_one_to_three():
     assert chosen[1].sum() == 3  # no positive: still `ratio` negatives
     small = L.ohem_select(hardness, fg, keep, anchors, ratio=3, batch=3)  # room for 3 // (1 + 3) = 0 positives
     assert small[0].nonzero().squeeze(1).tolist() == [1, 3, 4]
+
+
+def test_ohem_without_a_ratio_takes_the_hardest_of_either_kind():
+    anchors = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60], [100, 100, 110, 110],
+                            [200, 200, 210, 210]], dtype=torch.float32)
+    hardness = torch.tensor([[5.0, 9.0, 1.0, 4.0, 3.0]])  # NMS drops 0 (under 1); then 1, 3, 4, 2 by loss
+    fg = torch.tensor([[False, False, True, True, False]])
+    keep = torch.ones(1, 5, dtype=torch.bool)
+    chosen = L.ohem_select(hardness, fg, keep, anchors, ratio=math.inf, batch=3)
+    assert chosen[0].nonzero().squeeze(1).tolist() == [1, 3, 4]  # positive 2 is the easiest: left out
+
+
+def test_monitor_is_the_mean_logits_of_positives_and_negatives_and_the_share_scored_above_thresh():
+    cls_logits = torch.tensor([[[2.0, -1.0], [-3.0, 0.5], [-5.0, -6.0], [9.0, 9.0]]])  # (1, R=4, K=2)
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    keep = torch.tensor([[True, True, True, False]])  # anchor 3 ignored: not in the means
+    pos, neg, above = L.monitor(cls_logits, targets, keep).tolist()
+    assert pos == pytest.approx((2.0 + 0.5) / 2) and neg == pytest.approx((-1.0 - 3.0 - 5.0 - 6.0) / 4)
+    assert above == pytest.approx(3 / 4)  # sigmoid > .05: anchors 0, 1 and 3 (logit(.05) = -2.94)
+    assert math.isnan(L.monitor(cls_logits, torch.zeros_like(targets), keep)[0])  # no positive

@@ -12,6 +12,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 
 import checkpoint as C
 import data as D
+import model as M
 import recipes
 import shapes
 import train
@@ -210,8 +211,8 @@ def test_auto_layout_is_channels_last_on_cuda_and_on_avx512_cpus_only(monkeypatc
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for isa, want in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
-        assert train.channels_last("auto", cpu) is want and train.channels_last("auto", cuda)
-        assert not train.channels_last("nchw", cuda) and train.channels_last("nhwc", cpu)
+        assert M.channels_last("auto", cpu) is want and M.channels_last("auto", cuda)
+        assert not M.channels_last("nchw", cuda) and M.channels_last("nhwc", cpu)
 
 
 def test_deterministic_and_channels_last_train_as_an_nchw_run(tiny_shapes, tmp_path, monkeypatch):

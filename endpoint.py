@@ -1,0 +1,232 @@
+"""Table 1 at the endpoint (§5.1; Table 1a, 1b, 1d): every row trained until its AP stops rising, at a
+learning rate chosen for its loss family on held-out training pictures. Run through analyze.py:
+
+    python analyze.py endpoint --stage lr        # (b) and (d) at three LRs, seed 0: each family's LR
+    python analyze.py endpoint                   # then every row at its family's LR, 2-3 seeds
+    python analyze.py endpoint --report-only     # the tables and figures of the runs finished so far
+
+- Every run trains on the dense set's training pictures less HOLDOUT held out (data.holdout_split).
+  Decisions look only at the held-out pictures: each family's LR, and whether a run reached its
+  endpoint. The table reports the val pictures, which no decision saw.
+- A run of T iterations drops its LR x0.1 at 75% and 90% (§4.1's shape), is evaluated on the held-out
+  pictures at T/8, 2T/8, ..., T, and has reached its endpoint when that AP gained less than ENDPOINT_GAIN
+  over its last quarter (from 6T/8 to T).
+- LR: (b) CE with the prior and (d) FL γ = 2 at LRS per 16 images (the paper's 0.01, 2x, 4x), seed 0.
+  CE-family rows take (b)'s best, FL rows (d)'s; the LR runs at the chosen LRs are seed 0 of (b), (d).
+- A finished run's result goes into LEDGER (committed, since runs/ is not): a finished run is never
+  rerun, in this session or a later one; an interrupted one resumes from its checkpoint under runs/.
+"""
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+import ablate
+import checkpoint as C
+import data as D
+import weights as W
+from evaluate import evaluate
+from loss import MONITOR
+
+ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 2400, 500, 0.01, (0.01, 0.02, 0.04)
+LEDGER = "docs/study/endpoint_runs.json"
+CE, FL = ("--gamma", "0", "--alpha", "none"), ("--alpha", "0.25")
+ROWS = {  # name -> (loss, the paper's row, its AP, that table's FL γ = 2 AP, family, train.py flags); §5.1
+    "a": ("CE, bias 0 (no prior)", "§3.3: diverges", None, 34.0, "CE", [*CE, "--prior", "0.5"]),
+    "b": ("CE, prior π = .01", "§3.3 (= Table 1a α = .5 ×2)", 30.2, 34.0, "CE", [*CE]),
+    "c.25": ("α-CE, α = .25", "Table 1a", 10.8, 34.0, "CE", ["--gamma", "0", "--alpha", "0.25"]),
+    "c.5": ("α-CE, α = .5", "Table 1a", 30.2, 34.0, "CE", ["--gamma", "0", "--alpha", "0.5"]),
+    "c": ("α-CE, α = .75", "Table 1a, 1b γ = 0", 31.1, 34.0, "CE", ["--gamma", "0", "--alpha", "0.75"]),
+    "c.9": ("α-CE, α = .9", "Table 1a", 30.8, 34.0, "CE", ["--gamma", "0", "--alpha", "0.9"]),
+    "e0.5": ("FL γ = .5, α = .5", "Table 1b", 32.9, 34.0, "FL", ["--gamma", "0.5", "--alpha", "0.5"]),
+    "e1": ("FL γ = 1, α = .25", "Table 1b", 33.7, 34.0, "FL", ["--gamma", "1", *FL]),
+    "d": ("FL γ = 2, α = .25", "Table 1b", 34.0, 34.0, "FL", ["--gamma", "2", *FL]),
+    "e5": ("FL γ = 5, α = .25", "Table 1b", 32.2, 34.0, "FL", ["--gamma", "5", *FL]),
+    "g": ("OHEM, no ratio, 128, NMS .5", "Table 1d (R101)", 32.8, 36.0, "CE", [*CE, "--ohem", "inf"]),
+    "f": ("OHEM 1:3, 128, NMS .5", "Table 1d (R101)", 31.1, 36.0, "CE", [*CE, "--ohem", "3"]),
+}
+SEEDS = {"b": 3, "c": 3, "d": 3}  # the others: 2
+CUT_ORDER = ("e0.5", "e5", "c.25", "c.5", "c.9", "f")  # the issue's order for rows to drop if over budget
+
+
+def eval_points(iters):
+    return [iters * k // 8 for k in range(1, 9)]
+
+
+def endpoint_gain(curve, iters):
+    """(gain, reached): the held-out AP at `iters` less that at 3/4 of it, and gain < ENDPOINT_GAIN.
+    curve: [(iteration, AP)]; (None, False) while either point is missing."""
+    ap = dict(curve)
+    if iters not in ap or iters * 6 // 8 not in ap:
+        return None, False
+    gain = ap[iters] - ap[iters * 6 // 8]
+    return gain, gain < ENDPOINT_GAIN
+
+
+def choose_lrs(held_out):
+    """Each family's LR: held_out {family: {lr: final held-out AP}} -> {family: lr}, the best AP (a tie:
+    the lower LR, the paper's side). Both families the same: the whole table trains at one LR."""
+    return {fam: max(aps, key=lambda lr: (aps[lr], -lr)) for fam, aps in held_out.items()}
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def ledger(path=None):
+    """The finished runs: {key(row, lr, seed, iters): result}."""
+    path = path or LEDGER
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def key(row, lr, seed, iters):
+    return f"{row}/lr{lr:g}/seed{seed}/{iters}"
+
+
+def run(args, data, row, lr, seed):
+    """One run (ablate.train_run: resumable), evaluated on val when it ends; its result in the ledger."""
+    done = ledger(args.ledger)
+    k = key(row, lr, seed, args.iters)
+    if k in done or args.report_only:
+        return done.get(k)
+    fit, held = D.holdout_split(data, holdout=HOLDOUT)
+    images = D.coco_paths(data, "train")[1]
+    it = args.iters
+    flags = ["--preset", "dense", "--data", data, "--iters", str(it), "--steps", str(it * 3 // 4), str(it * 9 // 10),
+             "--warmup-iters", "100", "--ckpt-every", str(it // 8), "--lr", str(lr), "--seed", str(seed),
+             "--train-ann", fit, "--train-images", images, "--val-ann", held, "--val-images", images,
+             "--eval-at", *map(str, eval_points(it)[:-1]), *ROWS[row][5], *args.train_args.split()]
+    out, t0 = os.path.join(args.out, "endpoint", k), time.time()
+    result = ablate.train_run(out, flags)
+    if "stats" in result:  # the table's number: the val pictures, seen by no decision
+        ann, val_images = D.coco_paths(data, "val")
+        model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        result["val"] = evaluate(model, D.CocoDetection(ann, val_images))
+        result["log"] = [{m: r.get(m) for m in ("iter", "cls", "box", "lr", *MONITOR)} for r in C.read_metrics(out)
+                         if "eval" not in r]
+    result.update(flags=flags, seconds=round(time.time() - t0), host=f"{platform.processor() or platform.machine()} "
+                  f"{torch.backends.cpu.get_cpu_capability()}", backbone=digest(ablate.pretrain.WEIGHTS),
+                  train_ann=digest(D.coco_paths(data, "train")[0]))
+    done = ledger(args.ledger)  # again: another process may have added runs meanwhile
+    done[k] = result
+    os.makedirs(os.path.dirname(args.ledger) or ".", exist_ok=True)
+    D.write_json(args.ledger, done)
+    return result
+
+
+def curve(result):
+    return [(r["iter"], r["eval"]["AP"]) for r in result.get("curve", [])]
+
+
+def plan(args):
+    """The runs of a stage in order: [(row, lr, seed)]. The table's needs the LR stage's choice."""
+    if args.stage == "lr":
+        return [(row, lr, 0) for lr in LRS for row in ("b", "d")]
+    lrs = chosen(ledger(args.ledger), args.iters)
+    return [(row, lrs[ROWS[row][4]], s) for row in args.rows for s in range(SEEDS.get(row, 2))] if lrs else []
+
+
+def chosen(done, iters):
+    """Each family's LR from the LR stage's held-out APs, once all of its runs have finished; else None."""
+    held = {fam: {lr: done[key(row, lr, 0, iters)].get("stats", {}).get("AP", -1.0) for lr in LRS
+                  if key(row, lr, 0, iters) in done} for fam, row in (("CE", "b"), ("FL", "d"))}
+    return choose_lrs(held) if all(len(v) == len(LRS) for v in held.values()) else None
+
+
+def cmd_endpoint(args):
+    args.ledger = getattr(args, "ledger", None) or LEDGER
+    args.rows = getattr(args, "rows", None) or list(ROWS)
+    data, t0, trained = ablate.level_data("dense", args.data, write=not args.report_only)[0], time.time(), 0
+    stages = ["lr", "table"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        args.stage = stage
+        todo = plan(args)
+        if stage == "table" and not todo:
+            print("the table waits for the LR stage: (b) and (d) at every LR of LRS")
+        for row, lr, seed in todo:
+            spent = time.time() - t0
+            if not args.report_only and trained and args.budget_minutes and spent + spent / trained > 60 * \
+                    args.budget_minutes:
+                print(f"{row} lr {lr:g} seed {seed}: not started, over --budget-minutes (rerun to continue)")
+                break
+            new = key(row, lr, seed, args.iters) not in ledger(args.ledger)
+            result = run(args, data, row, lr, seed)
+            trained += bool(new and result)
+            if result:
+                print(f"{row} lr {lr:g} seed {seed}: held-out AP {result.get('stats', {}).get('AP')}, val AP "
+                      f"{result.get('val', {}).get('AP')}, endpoint gain {endpoint_gain(curve(result), args.iters)}")
+    return report(args)
+
+
+def mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
+
+
+def report(args):
+    """tables() of the ledger, written to OUT/endpoint.json, with the figures; printed."""
+    done = ledger(args.ledger)
+    out = tables(done, args.iters)
+    figures(args, done, out["lrs"])
+    D.write_json(os.path.join(args.out, "endpoint.json"), out)
+    print(out["lr_markdown"] + "\n\n" + out["markdown"])
+    return out
+
+
+def tables(done, it=ITERS):
+    """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too)."""
+    lines = ["| LR per 16 images | " + " | ".join(f"{lr:g}" for lr in LRS) + " |", "|---" * (len(LRS) + 1) + "|"]
+    for row in ("b", "d"):
+        cells = [done.get(key(row, lr, 0, it), {}) for lr in LRS]
+        lines.append(f"| ({row}) held-out AP (gain over the last quarter) | " + " | ".join(
+            f"{r['stats']['AP']:.3f} ({endpoint_gain(curve(r), it)[0]:+.3f})" if "stats" in r else
+            ("diverged" if r else "–") for r in cells) + " |")
+    lrs = chosen(done, it)
+    table = ["| | loss | paper AP | paper, relative to FL γ = 2 | LR | seeds | val AP | relative to FL γ = 2 | "
+             "endpoint (held-out gain, last quarter) |", "|---" * 9 + "|"]
+    rows = {}
+    for row, (_, _, _, _, fam, _) in ROWS.items():
+        lr = lrs[fam] if lrs else None
+        runs = [done[k] for s in range(SEEDS.get(row, 2)) if lr and (k := key(row, lr, s, it)) in done]
+        trained = [r for r in runs if "val" in r]
+        rows[row] = {"lr": lr, "seeds": len(runs), "diverged": len(runs) - len(trained),
+                     "AP": mean_std([r["val"]["AP"] for r in trained]),
+                     "endpoint": [endpoint_gain(curve(r), it) for r in trained]}
+    ref = rows["d"]["AP"]
+    for row, (loss, where, paper, paper_fl, _, _) in ROWS.items():
+        r = rows[row]
+        ours = f"{r['AP'][0] / ref[0]:.2f}" if r["AP"] and ref and ref[0] > 0 else "–"
+        end = ", ".join("yes" if ok else f"not reached ({g:+.3f})" for g, ok in r["endpoint"]) or "–"
+        seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+        paper_rel = f"{paper / paper_fl:.2f}" if paper else "–"
+        table.append(f"| ({row}) | {loss} | {paper or where} | {paper_rel} | {r['lr'] or '–'} | {seeds} | "
+                     f"{ablate.fmt(r['AP'])} | {ours} | {end} |")
+    return {"iters": it, "lrs": lrs, "rows": rows, "lr_markdown": "\n".join(lines), "markdown": "\n".join(table)}
+
+
+def figures(args, done, lrs):
+    """AP against iterations (held-out) of every run, and the classifier's log side by side (§3.2-3.3)."""
+    runs = {k: r for k, r in done.items() if k.endswith(f"/{args.iters}") and "log" in r}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    panels = [("AP", "held-out COCO AP"), ("cls", "class loss"), ("box", "box loss"), ("pos_logit", "mean logit, "
+              "positives"), ("neg_logit", "mean logit, negatives"), ("scored_above_0.05", "anchors scored > .05")]
+    for k, r in sorted(runs.items()):
+        row, lr, seed, _ = k.split("/")
+        label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
+        for ax, (m, title) in zip(axes.flat, panels):
+            xs, ys = zip(*curve(r)) if m == "AP" else zip(*[(g["iter"], g[m]) for g in r["log"] if g[m] is not None])
+            ax.plot(xs, ys, lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5, label=label if seed0 else None)
+            ax.set(title=title, xlabel="iteration")
+    axes[0, 2].set_yscale("log")
+    axes[1, 2].set_yscale("log")
+    axes[0, 0].legend(fontsize=7)
+    D.save_figure(fig, args.out, "endpoint", {"lrs": lrs, "runs": sorted(runs)})
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""endpoint.py (Table 1 at the endpoint): the held-out split, the endpoint rule, the LR choice, and a study
+that chooses on held-out pictures, reuses its LR runs as the table's seed 0 and never reruns a finished run."""
+import json
+import shutil
+
+import pytest
+from test_ablate import TINY
+
+import analyze
+import data as D
+import endpoint as E
+import pretrain
+import train
+from conftest import analyze_args as args
+
+
+def test_holdout_split_is_disjoint_covers_the_training_pictures_and_is_the_same_each_time(tiny_shapes, tmp_path):
+    root = shutil.copytree(tiny_shapes, tmp_path / "set")
+    fit, held = (json.load(open(p)) for p in D.holdout_split(root, holdout=3, seed=5))
+    train_set = json.load(open(D.coco_paths(root, "train")[0]))
+    fit_ids, held_ids = {i["id"] for i in fit["images"]}, {i["id"] for i in held["images"]}
+    assert len(held_ids) == 3 and not fit_ids & held_ids
+    assert fit_ids | held_ids == {i["id"] for i in train_set["images"]}
+    for part, ids in ((fit, fit_ids), (held, held_ids)):  # each picture keeps its own annotations, all of them
+        assert sorted(a["id"] for a in part["annotations"]) == sorted(
+            a["id"] for a in train_set["annotations"] if a["image_id"] in ids)
+    again = tmp_path / "again"
+    shutil.copytree(tiny_shapes, again)
+    assert json.load(open(D.holdout_split(again, holdout=3, seed=5)[1]))["images"] == held["images"]
+    with pytest.raises(ValueError, match="cannot hold out 8 of its 8 images"):
+        D.holdout_split(shutil.copytree(tiny_shapes, tmp_path / "third"), holdout=8)
+
+
+def test_endpoint_is_a_gain_under_0_01_over_the_last_quarter():
+    curve = [(100, 0.1), (600, 0.30), (700, 0.31), (800, 0.309)]
+    assert E.endpoint_gain(curve, 800) == (pytest.approx(0.009), True)
+    assert E.endpoint_gain([(600, 0.30), (800, 0.32)], 800) == (pytest.approx(0.02), False)
+    assert E.endpoint_gain([(600, 0.30), (800, 0.25)], 800)[1]  # falling: no more to gain
+    assert E.endpoint_gain([(700, 0.30), (800, 0.30)], 800) == (None, False)  # no point at 3/4
+    assert E.eval_points(800) == [100, 200, 300, 400, 500, 600, 700, 800]
+
+
+def test_each_family_takes_its_best_held_out_lr_and_a_tie_the_lower():
+    assert E.choose_lrs({"CE": {0.01: 0.2, 0.02: 0.3, 0.04: 0.1}, "FL": {0.01: 0.4, 0.02: 0.4, 0.04: 0.5}}) == {
+        "CE": 0.02, "FL": 0.04}
+    assert E.choose_lrs({"CE": {0.01: 0.3, 0.04: 0.3}}) == {"CE": 0.01}
+
+
+def test_study_chooses_on_held_out_pictures_reuses_lr_runs_and_never_reruns(tiny_shapes, tmp_path, monkeypatch):
+    root = shutil.copytree(tiny_shapes, tmp_path / "set")
+    (tmp_path / "backbone.pth").write_bytes(b"x")  # stands for pretrain.py's weights; TINY trains without them
+    monkeypatch.setattr(pretrain, "WEIGHTS", str(tmp_path / "backbone.pth"))
+    monkeypatch.setattr(E, "HOLDOUT", 3)
+    monkeypatch.setattr(E, "LRS", (0.02, 0.08))
+    monkeypatch.setattr(E, "SEEDS", {"d": 1})  # (d): its LR run only; (b): a second seed
+    trained, real = [], train.main
+    monkeypatch.setattr(train, "main", lambda a: trained.append(a) or real(a))
+    study = ["endpoint", "--iters", 8, "--data", root, "--out", tmp_path, "--ledger", tmp_path / "ledger.json",
+             "--rows", "b", "d", f"--train-args={TINY}"]
+    table = analyze.main(args(*study))
+    ledger = json.load(open(tmp_path / "ledger.json"))
+    assert len(trained) == 5 and sorted(ledger) == sorted(
+        [f"{r}/lr{lr:g}/seed0/8" for r in "bd" for lr in (0.02, 0.08)] + [f"b/lr{table['lrs']['CE']:g}/seed1/8"])
+    held = json.load(open(D.holdout_split(root)[1]))
+    assert all(a.val_ann.endswith("instances_train_holdout.json") for a in trained)  # decisions: held-out only
+    assert {i["id"] for i in held["images"]}.isdisjoint(
+        i["id"] for i in json.load(open(trained[0].train_ann))["images"])
+    oracle = {fam: {lr: ledger[f"{row}/lr{lr:g}/seed0/8"]["stats"]["AP"] for lr in (0.02, 0.08)}
+              for fam, row in (("CE", "b"), ("FL", "d"))}
+    assert table["lrs"] == E.choose_lrs(oracle)
+    run = ledger[f"d/lr{table['lrs']['FL']:g}/seed0/8"]
+    assert [it for it, _ in E.curve(run)] == E.eval_points(8) and set(run["val"]) >= {"AP", "AP50"}
+    assert {"pos_logit", "neg_logit", "scored_above_0.05"} <= set(run["log"][0])
+    assert table["rows"]["b"]["seeds"] == 2 and table["rows"]["d"]["seeds"] == 1
+    assert analyze.main(args(*study)) == table and len(trained) == 5  # finished: never trained again
+    assert analyze.main(args(*study, "--report-only")) == table
+
+
+def test_table_puts_each_row_beside_the_paper_relative_to_fl_gamma_2():
+    def result(held, val=None, gain=0.0):
+        it = E.ITERS
+        r = {"stats": {"AP": held}, "curve": [{"iter": it * 6 // 8, "eval": {"AP": held - gain}},
+                                             {"iter": it, "eval": {"AP": held}}]}
+        return {**r, "val": {"AP": val}} if val is not None else r
+
+    done = {E.key(row, lr, 0, E.ITERS): result(ap) for row, aps in (("b", (0.1, 0.2, 0.1)), ("d", (0.3, 0.2, 0.1)))
+            for lr, ap in zip(E.LRS, aps)}
+    done[E.key("b", 0.02, 0, E.ITERS)] = result(0.2, val=0.1, gain=0.05)  # still rising
+    done[E.key("d", 0.01, 0, E.ITERS)] = result(0.3, val=0.4)
+    done[E.key("d", 0.01, 1, E.ITERS)] = result(0.3, val=0.2)
+    out = E.tables(done)
+    assert out["lrs"] == {"CE": 0.02, "FL": 0.01}  # each family its own best held-out LR
+    assert "| (d) | FL γ = 2, α = .25 | 34.0 | 1.00 | 0.01 | 2 | 0.300 ± 0.141 | 1.00 | yes, yes |" in out["markdown"]
+    assert "| (b) | CE, prior π = .01 | 30.2 | 0.89 | 0.02 | 1 | 0.100 | 0.33 | not reached (+0.050) |" in out[
+        "markdown"]
+    assert "| (d) held-out AP (gain over the last quarter) | 0.300 (+0.000) | 0.200 (+0.000) |" in out["lr_markdown"]
