@@ -31,7 +31,7 @@ import checkpoint as C
 import data as D
 import weights as W
 from evaluate import evaluate
-from loss import MONITOR
+from loss import MONITOR, pull_at_prior
 
 ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 2400, 500, 0.01, (0.01, 0.02, 0.04)
 LEDGER = "docs/study/endpoint_runs.json"
@@ -145,7 +145,8 @@ def chosen(done, iters):
 def cmd_endpoint(args):
     args.ledger = getattr(args, "ledger", None) or LEDGER
     args.rows = getattr(args, "rows", None) or list(ROWS)
-    data, t0, trained = ablate.level_data("dense", args.data, write=not args.report_only)[0], time.time(), 0
+    data, args.imbalance = ablate.level_data("dense", args.data, write=not args.report_only)
+    t0, trained = time.time(), 0
     stages = ["lr", "table"] if args.stage == "all" else [args.stage]
     for stage in stages:
         args.stage = stage
@@ -174,15 +175,25 @@ def mean_std(values):
 def report(args):
     """tables() of the ledger, written to OUT/endpoint.json, with the figures; printed."""
     done = ledger(args.ledger)
-    out = tables(done, args.iters)
+    out = tables(done, args.iters, args.imbalance["negative_samples_per_positive"])
     figures(args, done, out["lrs"])
     D.write_json(os.path.join(args.out, "endpoint.json"), out)
     print(out["lr_markdown"] + "\n\n" + out["markdown"])
     return out
 
 
-def tables(done, it=ITERS):
-    """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too)."""
+def pull(row, negatives):
+    """loss.pull_at_prior of a row's loss (None for OHEM, which samples): > 1, the scores start down."""
+    flags = dict(zip(ROWS[row][5][::2], ROWS[row][5][1::2]))
+    if "--ohem" in flags:
+        return None
+    alpha = None if flags.get("--alpha") == "none" else float(flags.get("--alpha", 0.25))
+    return pull_at_prior(float(flags["--gamma"]), alpha, negatives, float(flags.get("--prior", 0.01)))
+
+
+def tables(done, it=ITERS, negatives=None):
+    """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too);
+    with `negatives` (negative samples per positive) a column of each loss's pull at the prior."""
     lines = ["| LR per 16 images | " + " | ".join(f"{lr:g}" for lr in LRS) + " |", "|---" * (len(LRS) + 1) + "|"]
     for row in ("b", "d"):
         cells = [done.get(key(row, lr, 0, it), {}) for lr in LRS]
@@ -191,7 +202,8 @@ def tables(done, it=ITERS):
             ("diverged" if r else "–") for r in cells) + " |")
     lrs = chosen(done, it)
     table = ["| | loss | paper AP | paper, relative to FL γ = 2 | LR | seeds | val AP | relative to FL γ = 2 | "
-             "endpoint (held-out gain, last quarter) |", "|---" * 9 + "|"]
+             "endpoint (held-out gain, last quarter) |" + (" negatives' pull at the prior |" if negatives else ""),
+             "|---" * (10 if negatives else 9) + "|"]
     rows = {}
     for row, (_, _, _, _, fam, _) in ROWS.items():
         lr = lrs[fam] if lrs else None
@@ -208,7 +220,8 @@ def tables(done, it=ITERS):
         seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         paper_rel = f"{paper / paper_fl:.2f}" if paper else "–"
         table.append(f"| ({row}) | {loss} | {paper or where} | {paper_rel} | {r['lr'] or '–'} | {seeds} | "
-                     f"{ablate.fmt(r['AP'])} | {ours} | {end} |")
+                     f"{ablate.fmt(r['AP'])} | {ours} | {end} |" + (f" {p:.3g} |" if (p := negatives and pull(
+                         row, negatives)) else " – |" if negatives else ""))
     return {"iters": it, "lrs": lrs, "rows": rows, "lr_markdown": "\n".join(lines), "markdown": "\n".join(table)}
 
 

@@ -148,6 +148,18 @@ def loss_shares(z_pos, z_neg, gamma, alpha=None, neg_weight=1.0, edges=BANDS):
     return shares
 
 
+def pull_at_prior(gamma, alpha, negatives_per_positive, prior=0.01):
+    """How much harder the negatives pull every score down than the positives pull theirs up at the start
+    of training (§3.3): Σ|∂FL/∂z| over a positive's negative samples over its own, all at the prior π."""
+    x = torch.tensor([-math.log((1 - prior) / prior)], dtype=torch.float64)  # the prior's logit (§3.3)
+    grads = []
+    for t in (1.0, 0.0):
+        loss, grad = torch.empty_like(x), torch.empty_like(x)
+        _focal_chunk(x, torch.full_like(x, t), alpha, float(gamma), loss, grad)
+        grads.append(grad.abs().item())
+    return negatives_per_positive * grads[1] / grads[0]
+
+
 @torch.no_grad()
 def batch_shares(cls_logits, anchors, gt_boxes, gt_labels, fg_iou=0.5, bg_iou=0.4):
     """loss_shares of a training batch's samples outside the ignore band, under CE and under FL (γ = 2,

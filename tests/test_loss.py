@@ -294,3 +294,20 @@ def test_monitor_is_the_mean_logits_of_positives_and_negatives_and_the_share_sco
     assert pos == pytest.approx((2.0 + 0.5) / 2) and neg == pytest.approx((-1.0 - 3.0 - 5.0 - 6.0) / 4)
     assert above == pytest.approx(3 / 4)  # sigmoid > .05: anchors 0, 1 and 3 (logit(.05) = -2.94)
     assert math.isnan(L.monitor(cls_logits, torch.zeros_like(targets), keep)[0])  # no positive
+
+
+def test_ohem_loss_without_a_ratio_is_ce_over_the_hardest_128_of_each_image_over_the_foreground_count():
+    cls_logits, deltas, anchors, boxes, labels = random_batch()
+    got = retinanet_loss(cls_logits, deltas, anchors, boxes, labels, gamma=0.0, alpha=None, ohem_ratio=math.inf)
+    matched, _, targets, keep = L.assign_targets(anchors, boxes, labels, cls_logits.shape[-1])
+    ce = F.binary_cross_entropy_with_logits(cls_logits, targets, reduction="none") * keep.unsqueeze(-1)  # Eq. 1
+    chosen = L.ohem_select(ce.sum(-1), matched >= 0, keep, anchors, ratio=math.inf)
+    assert chosen.sum(1).tolist() == [128, 128]
+    torch.testing.assert_close(got["cls"], (ce.sum(-1) * chosen).sum() / (matched >= 0).sum())
+
+
+def test_pull_at_prior_is_n_pi_over_one_minus_pi_for_ce_and_falls_with_gamma():
+    assert L.pull_at_prior(0, None, 22327) == pytest.approx(22327 * 0.01 / 0.99)  # CE: |dz| = p and 1 - p
+    assert L.pull_at_prior(0, 0.75, 1000) == pytest.approx(1000 * 0.01 / 0.99 * 0.25 / 0.75)  # α_t weights
+    pulls = [L.pull_at_prior(g, 0.25, 22327) for g in (0.5, 1, 2, 5)]
+    assert pulls == sorted(pulls, reverse=True) and pulls[1] > 1 > pulls[2]  # γ = 1 pulls down, γ = 2 up
