@@ -175,9 +175,7 @@ def curves(gamma, alpha):
 
 def study_tables(out):
     """Table 1 (mean ± std over seeds), the imbalance sweep and the miniature, as analyze.py left them in out."""
-    done = endpoint.ledger()  # the runs finished so far, committed with the code
-    parts = [f"### Table 1 at the endpoint (`analyze.py endpoint`), {endpoint.ITERS} iterations a run, LR chosen "
-             f"on held-out pictures\n\n{endpoint.tables(done)['markdown']}"] if done else []
+    parts = [endpoint.summary()] if endpoint.ledger() else []  # the endpoint runs so far, committed with the code
     for name, title in (("ablate_dense", "Table 1 on the dense set (`analyze.py ablate --preset dense`)"),
                         ("sweep", "FL − CE against imbalance (`analyze.py sweep`)"),
                         ("ablate_quickstart", "Table 1 in miniature, the quick start's set (`analyze.py ablate`)")):

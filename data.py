@@ -84,11 +84,11 @@ def holdout_split(root, split="train", holdout=500, seed=0):
     """A held-out split of a set's training pictures, to choose by (a learning rate, a schedule's end)
     without looking at the val pictures a table reports: root/annotations/instances_{split}_fit.json and
     ..._holdout.json, `holdout` images drawn by `seed` and the rest, with their annotations; the images
-    stay in root/{split}/. Written once (atomically); returns the two annotation files (fit, holdout)."""
+    stay in root/{split}/. Written once (atomically), again if the source is newer; returns (fit, holdout)."""
     ann, _ = coco_paths(root, split)
     paths = [coco_paths(root, f"{split}_{part}")[0] for part in ("fit", "holdout")]
-    if all(os.path.exists(p) for p in paths):
-        return tuple(paths)
+    if all(os.path.exists(p) and os.path.getmtime(p) >= os.path.getmtime(ann) for p in paths):
+        return tuple(paths)  # (a set written again is split again)
     with open(ann) as f:
         data = json.load(f)
     if not 0 < holdout < len(data["images"]):

@@ -51,7 +51,9 @@ ROWS = {  # name -> (loss, the paper's row, its AP, that table's FL γ = 2 AP, f
     "f": ("OHEM 1:3, 128, NMS .5", "Table 1d (R101)", 31.1, 36.0, "CE", [*CE, "--ohem", "3"]),
 }
 SEEDS = {"b": 3, "c": 3, "d": 3}  # the others: 2
-CUT_ORDER = ("e0.5", "e5", "c.25", "c.5", "c.9", "f")  # the issue's order for rows to drop if over budget
+# The order the table's runs go in: (b) and (d) first, then the rows the issue would cut last if the study ran
+# over its 12 hours (cut first: e0.5, then e5, the α grid, OHEM 1:3), so that a budget that runs out cuts them.
+ORDER = ("b", "d", "c", "e1", "a", "g", "f", "c.9", "c.5", "c.25", "e5", "e0.5")
 
 
 def eval_points(iters):
@@ -92,19 +94,29 @@ def key(row, lr, seed, iters):
     return f"{row}/lr{lr:g}/seed{seed}/{iters}"
 
 
+def run_flags(args, data, row, lr, seed):
+    """train.py's flags of one run: fit on the training pictures less the held-out ones, evaluate on those."""
+    fit, held = D.holdout_split(data, holdout=HOLDOUT)
+    images, it = D.coco_paths(data, "train")[1], args.iters
+    return ["--preset", "dense", "--data", data, "--iters", str(it), "--steps", str(it * 3 // 4), str(it * 9 // 10),
+            "--warmup-iters", "100", "--ckpt-every", str(it // 8), "--lr", str(lr), "--seed", str(seed),
+            "--train-ann", fit, "--train-images", images, "--val-ann", held, "--val-images", images,
+            "--eval-at", *map(str, eval_points(it)[:-1]), *ROWS[row][5], *args.train_args.split()]
+
+
 def run(args, data, row, lr, seed):
-    """One run (ablate.train_run: resumable), evaluated on val when it ends; its result in the ledger."""
+    """One run (ablate.train_run: resumable), evaluated on val when it ends; its result in the ledger.
+    A run in the ledger is not run again; one there with other flags is refused (another study's)."""
     done = ledger(args.ledger)
     k = key(row, lr, seed, args.iters)
-    if k in done or args.report_only:
+    if args.report_only:
         return done.get(k)
-    fit, held = D.holdout_split(data, holdout=HOLDOUT)
-    images = D.coco_paths(data, "train")[1]
-    it = args.iters
-    flags = ["--preset", "dense", "--data", data, "--iters", str(it), "--steps", str(it * 3 // 4), str(it * 9 // 10),
-             "--warmup-iters", "100", "--ckpt-every", str(it // 8), "--lr", str(lr), "--seed", str(seed),
-             "--train-ann", fit, "--train-images", images, "--val-ann", held, "--val-images", images,
-             "--eval-at", *map(str, eval_points(it)[:-1]), *ROWS[row][5], *args.train_args.split()]
+    flags = run_flags(args, data, row, lr, seed)
+    if k in done:
+        if done[k]["flags"] != flags:
+            raise ValueError(f"{args.ledger}: {k} was trained with other flags ({' '.join(done[k]['flags'])}); "
+                             "choose another --ledger")
+        return done[k]
     out, t0 = os.path.join(args.out, "endpoint", k), time.time()
     result = ablate.train_run(out, flags)
     if "stats" in result:  # the table's number: the val pictures, seen by no decision
@@ -115,12 +127,18 @@ def run(args, data, row, lr, seed):
                          if "eval" not in r]
     result.update(flags=flags, seconds=round(time.time() - t0), host=f"{platform.processor() or platform.machine()} "
                   f"{torch.backends.cpu.get_cpu_capability()}", backbone=digest(ablate.pretrain.WEIGHTS),
-                  train_ann=digest(D.coco_paths(data, "train")[0]))
+                  train_ann=digest(D.coco_paths(data, "train")[0]),
+                  negative_samples_per_positive=args.imbalance["negative_samples_per_positive"])
     done = ledger(args.ledger)  # again: another process may have added runs meanwhile
     done[k] = result
     os.makedirs(os.path.dirname(args.ledger) or ".", exist_ok=True)
     D.write_json(args.ledger, done)
     return result
+
+
+def gain_text(result, it):
+    gain = endpoint_gain(curve(result), it)[0]
+    return "–" if gain is None else f"{gain:+.3f}"
 
 
 def curve(result):
@@ -132,7 +150,8 @@ def plan(args):
     if args.stage == "lr":
         return [(row, lr, 0) for lr in LRS for row in ("b", "d")]
     lrs = chosen(ledger(args.ledger), args.iters)
-    return [(row, lrs[ROWS[row][4]], s) for row in args.rows for s in range(SEEDS.get(row, 2))] if lrs else []
+    rows = sorted(args.rows, key=ORDER.index)  # what is cut last runs first
+    return [(row, lrs[ROWS[row][4]], s) for row in rows for s in range(SEEDS.get(row, 2))] if lrs else []
 
 
 def chosen(done, iters):
@@ -145,7 +164,12 @@ def chosen(done, iters):
 def cmd_endpoint(args):
     args.ledger = getattr(args, "ledger", None) or LEDGER
     args.rows = getattr(args, "rows", None) or list(ROWS)
-    data, args.imbalance = ablate.level_data("dense", args.data, write=not args.report_only)
+    if args.iters < 8:
+        raise ValueError(f"endpoint: --iters {args.iters}: at least 8 (an evaluation at every eighth)")
+    try:
+        data, args.imbalance = ablate.level_data("dense", args.data, write=not args.report_only)
+    except ValueError:  # --report-only on a clone without the set: the ledger is enough
+        data, args.imbalance = None, None
     t0, trained = time.time(), 0
     stages = ["lr", "table"] if args.stage == "all" else [args.stage]
     for stage in stages:
@@ -175,7 +199,7 @@ def mean_std(values):
 def report(args):
     """tables() of the ledger, written to OUT/endpoint.json, with the figures; printed."""
     done = ledger(args.ledger)
-    out = tables(done, args.iters, args.imbalance["negative_samples_per_positive"])
+    out = tables(done, args.iters, args.imbalance and args.imbalance["negative_samples_per_positive"])
     figures(args, done, out["lrs"])
     D.write_json(os.path.join(args.out, "endpoint.json"), out)
     print(out["lr_markdown"] + "\n\n" + out["markdown"])
@@ -192,14 +216,17 @@ def pull(row, negatives):
 
 
 def tables(done, it=ITERS, negatives=None):
-    """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too);
-    with `negatives` (negative samples per positive) a column of each loss's pull at the prior."""
+    """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too),
+    with a column of each loss's pull at the prior for `negatives` negative samples per positive (default:
+    the ledger's, as its runs counted them)."""
+    negatives = negatives or next((r["negative_samples_per_positive"] for r in done.values()
+                                   if "negative_samples_per_positive" in r), None)
     lines = ["| LR per 16 images | " + " | ".join(f"{lr:g}" for lr in LRS) + " |", "|---" * (len(LRS) + 1) + "|"]
     for row in ("b", "d"):
         cells = [done.get(key(row, lr, 0, it), {}) for lr in LRS]
         lines.append(f"| ({row}) held-out AP (gain over the last quarter) | " + " | ".join(
-            f"{r['stats']['AP']:.3f} ({endpoint_gain(curve(r), it)[0]:+.3f})" if "stats" in r else
-            ("diverged" if r else "–") for r in cells) + " |")
+            f"{r['stats']['AP']:.3f} ({gain_text(r, it)})" if "stats" in r else ("diverged" if r else "–")
+            for r in cells) + " |")
     lrs = chosen(done, it)
     table = ["| | loss | paper AP | paper, relative to FL γ = 2 | LR | seeds | val AP | relative to FL γ = 2 | "
              "endpoint (held-out gain, last quarter) |" + (" negatives' pull at the prior |" if negatives else ""),
@@ -225,6 +252,13 @@ def tables(done, it=ITERS, negatives=None):
     return {"iters": it, "lrs": lrs, "rows": rows, "lr_markdown": "\n".join(lines), "markdown": "\n".join(table)}
 
 
+def summary(done=None):
+    """Both tables of the ledger's runs in markdown, titled (the app's Focal loss tab)."""
+    out = tables(ledger() if done is None else done)
+    return (f"### Table 1 at the endpoint (`analyze.py endpoint`), {out['iters']} iterations a run, each family's "
+            f"LR chosen on held-out pictures\n\n{out['markdown']}\n\nThe LR stage:\n\n{out['lr_markdown']}")
+
+
 def figures(args, done, lrs):
     """AP against iterations (held-out) of every run, and the classifier's log side by side (§3.2-3.3)."""
     runs = {k: r for k, r in done.items() if k.endswith(f"/{args.iters}") and "log" in r}
@@ -235,10 +269,12 @@ def figures(args, done, lrs):
         row, lr, seed, _ = k.split("/")
         label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
         for ax, (m, title) in zip(axes.flat, panels):
-            xs, ys = zip(*curve(r)) if m == "AP" else zip(*[(g["iter"], g[m]) for g in r["log"] if g[m] is not None])
-            ax.plot(xs, ys, lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5, label=label if seed0 else None)
+            points = curve(r) if m == "AP" else [(g["iter"], g[m]) for g in r["log"] if g.get(m) is not None]
+            if not points:
+                continue
+            ax.plot(*zip(*points), lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5, label=label if seed0 else None)
             ax.set(title=title, xlabel="iteration")
-    axes[0, 2].set_yscale("log")
+    axes[0, 1].set_yscale("log")  # CE's class loss starts near 10, FL's near 1
     axes[1, 2].set_yscale("log")
     axes[0, 0].legend(fontsize=7)
     D.save_figure(fig, args.out, "endpoint", {"lrs": lrs, "runs": sorted(runs)})

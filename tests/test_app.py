@@ -200,11 +200,14 @@ def test_the_endpoint_table_the_study_and_the_miniature_are_all_shown(tmp_path, 
     assert "analyze.py ablate --preset dense" in app.study_tables(str(tmp_path))  # none yet: how to get them
     for preset, iters in (("dense", 800), ("quickstart", 200)):
         (tmp_path / f"ablate_{preset}.json").write_text(json.dumps({"iters": iters, "markdown": f"| {preset} |"}))
-    run = {"stats": {"AP": 0.3}, "val": {"AP": 0.25}, "curve": [{"iter": i, "eval": {"AP": 0.3}} for i in (1800, 2400)]}
-    (tmp_path / "ledger.json").write_text(json.dumps({endpoint.key("d", 0.02, 0, endpoint.ITERS): run}))
+    it, run = endpoint.ITERS, {"stats": {"AP": 0.3}, "curve": [{"iter": i, "eval": {"AP": 0.3}} for i in (1800, 2400)]}
+    ledger = {endpoint.key(row, lr, 0, it): run for row in "bd" for lr in endpoint.LRS}  # the LR stage, a tie
+    ledger[endpoint.key("d", 0.01, 0, it)] = {**run, "val": {"AP": 0.25}}  # (d) at the lowest LR: the chosen one
+    (tmp_path / "ledger.json").write_text(json.dumps(ledger))
     text = app.study_tables(str(tmp_path))
     assert "dense set" in text and "| dense |" in text and "miniature" in text and "| quickstart |" in text
-    assert endpoint.tables(endpoint.ledger())["markdown"] in text
+    assert "| (d) | FL γ = 2, α = .25 | 34.0 | 1.00 | 0.01 | 1 | 0.250 | 1.00 | yes |" in text
+    assert "| (b) held-out AP (gain over the last quarter) | 0.300 (+0.000) |" in text
 
 
 def test_a_model_of_other_classes_starts_and_fig4_says_why_it_cannot(tiny_checkpoint, tmp_path):

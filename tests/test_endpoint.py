@@ -74,6 +74,11 @@ def test_study_chooses_on_held_out_pictures_reuses_lr_runs_and_never_reruns(tiny
     assert table["rows"]["b"]["seeds"] == 2 and table["rows"]["d"]["seeds"] == 1
     assert analyze.main(args(*study)) == table and len(trained) == 5  # finished: never trained again
     assert analyze.main(args(*study, "--report-only")) == table
+    shutil.rmtree(root)  # a clone without the set (data/ is not committed): the ledger is enough to report
+    assert analyze.main(args(*study, "--report-only")) == table
+    shutil.copytree(tiny_shapes, root)
+    with pytest.raises(ValueError, match="b/lr0.02/seed0/8 was trained with other flags"):  # another study's
+        analyze.main(args(*study[:-1], f"--train-args={TINY} --flip 0"))
 
 
 def test_table_puts_each_row_beside_the_paper_relative_to_fl_gamma_2():
@@ -88,9 +93,11 @@ def test_table_puts_each_row_beside_the_paper_relative_to_fl_gamma_2():
     done[E.key("b", 0.02, 0, E.ITERS)] = result(0.2, val=0.1, gain=0.05)  # still rising
     done[E.key("d", 0.01, 0, E.ITERS)] = result(0.3, val=0.4)
     done[E.key("d", 0.01, 1, E.ITERS)] = result(0.3, val=0.2)
+    done[E.key("b", 0.04, 0, E.ITERS)] = {"diverged": "iteration 5: loss is nan"}
     out = E.tables(done)
     assert out["lrs"] == {"CE": 0.02, "FL": 0.01}  # each family its own best held-out LR
     assert "| (d) | FL γ = 2, α = .25 | 34.0 | 1.00 | 0.01 | 2 | 0.300 ± 0.141 | 1.00 | yes, yes |" in out["markdown"]
     assert "| (b) | CE, prior π = .01 | 30.2 | 0.89 | 0.02 | 1 | 0.100 | 0.33 | not reached (+0.050) |" in out[
         "markdown"]
     assert "| (d) held-out AP (gain over the last quarter) | 0.300 (+0.000) | 0.200 (+0.000) |" in out["lr_markdown"]
+    assert out["lr_markdown"].splitlines()[2].endswith("| diverged |")  # (b) at 0.04: never chosen
