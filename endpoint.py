@@ -148,7 +148,7 @@ def curve(result):
 def plan(args):
     """The runs of a stage in order: [(row, lr, seed)]. The table's needs the LR stage's choice."""
     if args.stage == "lr":
-        return [(row, lr, 0) for lr in LRS for row in ("b", "d")]
+        return [(row, lr, 0) for lr in reversed(LRS) for row in ("b", "d")]  # 0.04: the 800-iteration study's
     lrs = chosen(ledger(args.ledger), args.iters)
     rows = sorted(args.rows, key=ORDER.index)  # what is cut last runs first
     return [(row, lrs[ROWS[row][4]], s) for row in rows for s in range(SEEDS.get(row, 2))] if lrs else []
