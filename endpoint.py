@@ -114,8 +114,8 @@ def run(args, data, row, lr, seed):
     flags = run_flags(args, data, row, lr, seed)
     if k in done:
         if done[k]["flags"] != flags:
-            raise ValueError(f"{args.ledger}: {k} was trained with other flags ({' '.join(done[k]['flags'])}); "
-                             "choose another --ledger")
+            raise ValueError(f"{args.ledger}: {k} was trained with other flags (its 'flags' there); choose another "
+                             "--ledger")
         return done[k]
     out, t0 = os.path.join(args.out, "endpoint", k), time.time()
     result = ablate.train_run(out, flags)
@@ -123,17 +123,26 @@ def run(args, data, row, lr, seed):
         ann, val_images = D.coco_paths(data, "val")
         model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"))
         result["val"] = evaluate(model, D.CocoDetection(ann, val_images))
-        result["log"] = [{m: r.get(m) for m in ("iter", "cls", "box", "lr", *MONITOR)} for r in C.read_metrics(out)
-                         if "eval" not in r]
+        rows = [r for r in C.read_metrics(out) if "eval" not in r]  # the training log, by column (compact)
+        result["log"] = {m: [r.get(m) for r in rows] for m in ("iter", "cls", "box", "lr", *MONITOR)}
     result.update(flags=flags, seconds=round(time.time() - t0), host=f"{platform.processor() or platform.machine()} "
                   f"{torch.backends.cpu.get_cpu_capability()}", backbone=digest(ablate.pretrain.WEIGHTS),
                   train_ann=digest(D.coco_paths(data, "train")[0]),
                   negative_samples_per_positive=args.imbalance["negative_samples_per_positive"])
     done = ledger(args.ledger)  # again: another process may have added runs meanwhile
-    done[k] = result
+    done[k] = rounded(result)
     os.makedirs(os.path.dirname(args.ledger) or ".", exist_ok=True)
     D.write_json(args.ledger, done)
     return result
+
+
+def rounded(obj, digits=4):
+    """obj with every float to `digits` significant digits: the ledger stays small (it is committed)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    return [rounded(v, digits) for v in obj] if isinstance(obj, list) else obj
 
 
 def gain_text(result, it):
@@ -269,7 +278,7 @@ def figures(args, done, lrs):
         row, lr, seed, _ = k.split("/")
         label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
         for ax, (m, title) in zip(axes.flat, panels):
-            points = curve(r) if m == "AP" else [(g["iter"], g[m]) for g in r["log"] if g.get(m) is not None]
+            points = curve(r) if m == "AP" else [(i, v) for i, v in zip(r["log"]["iter"], r["log"][m]) if v is not None]
             if not points:
                 continue
             ax.plot(*zip(*points), lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5, label=label if seed0 else None)

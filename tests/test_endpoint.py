@@ -70,14 +70,14 @@ def test_study_chooses_on_held_out_pictures_reuses_lr_runs_and_never_reruns(tiny
     assert table["lrs"] == E.choose_lrs(oracle)
     run = ledger[f"d/lr{table['lrs']['FL']:g}/seed0/8"]
     assert [it for it, _ in E.curve(run)] == E.eval_points(8) and set(run["val"]) >= {"AP", "AP50"}
-    assert {"pos_logit", "neg_logit", "scored_above_0.05"} <= set(run["log"][0])
+    assert {"pos_logit", "neg_logit", "scored_above_0.05"} <= set(run["log"]) and run["log"]["iter"][-1] == 8
     assert table["rows"]["b"]["seeds"] == 2 and table["rows"]["d"]["seeds"] == 1
     assert analyze.main(args(*study)) == table and len(trained) == 5  # finished: never trained again
     assert analyze.main(args(*study, "--report-only")) == table
     shutil.rmtree(root)  # a clone without the set (data/ is not committed): the ledger is enough to report
     assert analyze.main(args(*study, "--report-only")) == table
     shutil.copytree(tiny_shapes, root)
-    with pytest.raises(ValueError, match="b/lr0.02/seed0/8 was trained with other flags"):  # another study's
+    with pytest.raises(ValueError, match="b/lr0.08/seed0/8 was trained with other flags"):  # another study's
         analyze.main(args(*study[:-1], f"--train-args={TINY} --flip 0"))
 
 
