@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 
 import matplotlib.pyplot as plt
@@ -201,10 +200,6 @@ def cmd_endpoint(args):
     return report(args)
 
 
-def mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
-
-
 def report(args):
     """tables() of the ledger, written to OUT/endpoint.json, with the figures; printed."""
     done = ledger(args.ledger)
@@ -246,7 +241,7 @@ def tables(done, it=ITERS, negatives=None):
         runs = [done[k] for s in range(SEEDS.get(row, 2)) if lr and (k := key(row, lr, s, it)) in done]
         trained = [r for r in runs if "val" in r]
         rows[row] = {"lr": lr, "seeds": len(runs), "diverged": len(runs) - len(trained),
-                     "AP": mean_std([r["val"]["AP"] for r in trained]),
+                     "AP": ablate.mean_std([r["val"]["AP"] for r in trained]),
                      "endpoint": [endpoint_gain(curve(r), it) for r in trained]}
     ref = rows["d"]["AP"]
     for row, (loss, where, paper, paper_fl, _, _) in ROWS.items():
