@@ -28,11 +28,18 @@ import torch
 import ablate
 import checkpoint as C
 import data as D
+import shapes
 import weights as W
 from evaluate import evaluate
 from loss import MONITOR, pull_at_prior
 
-ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 2400, 500, 0.01, (0.01, 0.02, 0.04)
+ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 4000, 500, 0.01, (0.01, 0.02, 0.04)
+# The study's form of the dense set: 160 px, not the dense recipe's 192, with the anchors x5/6 and the same
+# strides, so the imbalance stays (shapes.imbalance: 22,482 negative samples per positive, 192 px: 22,327; 748
+# negative anchors per positive, 743) at 0.80x the seconds an iteration: more iterations in the 12 hours
+# (docs/study.md, "The revised plan"). The first LR runs (2,400 iterations, in the ledger) were at 192 px.
+SIZE, ANCHORS = 160, (13, 27, 53, 107, 213)
+FORM = ["--min-size", str(SIZE), "--max-size", str(SIZE), "--anchor-sizes", *map(str, ANCHORS)]
 LEDGER = "docs/study/endpoint_runs.json"
 CE, FL = ("--gamma", "0", "--alpha", "none"), ("--alpha", "0.25")
 ROWS = {  # name -> (loss, the paper's row, its AP, that table's FL γ = 2 AP, family, train.py flags); §5.1
@@ -100,7 +107,7 @@ def run_flags(args, data, row, lr, seed):
     return ["--preset", "dense", "--data", data, "--iters", str(it), "--steps", str(it * 3 // 4), str(it * 9 // 10),
             "--warmup-iters", "100", "--ckpt-every", str(it // 8), "--lr", str(lr), "--seed", str(seed),
             "--train-ann", fit, "--train-images", images, "--val-ann", held, "--val-images", images,
-            "--eval-at", *map(str, eval_points(it)[:-1]), *ROWS[row][5], *args.train_args.split()]
+            "--eval-at", *map(str, eval_points(it)[:-1]), *FORM, *ROWS[row][5], *args.train_args.split()]
 
 
 def run(args, data, row, lr, seed):
@@ -175,7 +182,8 @@ def cmd_endpoint(args):
     if args.iters < 8:
         raise ValueError(f"endpoint: --iters {args.iters}: at least 8 (an evaluation at every eighth)")
     try:
-        data, args.imbalance = ablate.level_data("dense", args.data, write=not args.report_only)
+        data, _ = ablate.level_data("dense", args.data, write=not args.report_only)
+        args.imbalance = shapes.imbalance(shapes.training_view(data, SIZE), ANCHORS)  # the study's form
     except ValueError:  # --report-only on a clone without the set: the ledger is enough
         data, args.imbalance = None, None
     t0, trained = time.time(), 0
@@ -247,7 +255,8 @@ def tables(done, it=ITERS, negatives=None):
     for row, (loss, where, paper, paper_fl, _, _) in ROWS.items():
         r = rows[row]
         ours = f"{r['AP'][0] / ref[0]:.2f}" if r["AP"] and ref and ref[0] > 0 else "–"
-        end = ", ".join("yes" if ok else f"not reached ({g:+.3f})" for g, ok in r["endpoint"]) or "–"
+        end = ", ".join("yes" if ok else "not evaluated at 3/4" if g is None else f"not reached ({g:+.3f})"
+                        for g, ok in r["endpoint"]) or "–"
         seeds = f"{r['seeds']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
         paper_rel = f"{paper / paper_fl:.2f}" if paper else "–"
         table.append(f"| ({row}) | {loss} | {paper or where} | {paper_rel} | {r['lr'] or '–'} | {seeds} | "

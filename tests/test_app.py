@@ -200,7 +200,8 @@ def test_the_endpoint_table_the_study_and_the_miniature_are_all_shown(tmp_path, 
     assert "analyze.py ablate --preset dense" in app.study_tables(str(tmp_path))  # none yet: how to get them
     for preset, iters in (("dense", 800), ("quickstart", 200)):
         (tmp_path / f"ablate_{preset}.json").write_text(json.dumps({"iters": iters, "markdown": f"| {preset} |"}))
-    it, run = endpoint.ITERS, {"stats": {"AP": 0.3}, "curve": [{"iter": i, "eval": {"AP": 0.3}} for i in (1800, 2400)]}
+    it = endpoint.ITERS
+    run = {"stats": {"AP": 0.3}, "curve": [{"iter": i, "eval": {"AP": 0.3}} for i in (it * 6 // 8, it)]}
     ledger = {endpoint.key(row, lr, 0, it): run for row in "bd" for lr in endpoint.LRS}  # the LR stage, a tie
     ledger[endpoint.key("d", 0.01, 0, it)] = {**run, "val": {"AP": 0.25}}  # (d) at the lowest LR: the chosen one
     (tmp_path / "ledger.json").write_text(json.dumps(ledger))

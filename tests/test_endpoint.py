@@ -10,6 +10,8 @@ import analyze
 import data as D
 import endpoint as E
 import pretrain
+import recipes
+import shapes
 import train
 from conftest import analyze_args as args
 
@@ -101,3 +103,12 @@ def test_table_puts_each_row_beside_the_paper_relative_to_fl_gamma_2():
         "markdown"]
     assert "| (d) held-out AP (gain over the last quarter) | 0.300 (+0.000) | 0.200 (+0.000) |" in out["lr_markdown"]
     assert out["lr_markdown"].splitlines()[2].endswith("| diverged |")  # (b) at 0.04: never chosen
+
+
+def test_the_study_form_keeps_the_dense_recipes_imbalance_at_fewer_pixels(tmp_path):
+    shapes.make_dense(tmp_path, num_train=120, num_val=1)  # the dense set, smaller: same generator, same seed
+    dense = shapes.imbalance(shapes.training_view(tmp_path, recipes.DENSE["min_size"]), recipes.DENSE["anchor_sizes"])
+    form = shapes.imbalance(shapes.training_view(tmp_path, E.SIZE), E.ANCHORS)
+    assert E.SIZE < recipes.DENSE["min_size"] and form["anchors_per_image"] < dense["anchors_per_image"]
+    for k in ("negative_samples_per_positive", "negative_anchors_per_positive"):
+        assert form[k] == pytest.approx(dense[k], rel=0.05)
