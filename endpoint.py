@@ -239,6 +239,9 @@ def tables(done, it=ITERS, negatives=None):
         lines.append(f"| ({row}) held-out AP (gain over the last quarter) | " + " | ".join(
             f"{r['stats']['AP']:.3f} ({gain_text(r, it)})" if "stats" in r else ("diverged" if r else "–")
             for r in cells) + " |")
+    # pretrain.py's backbone is not bitwise the same from host to host (AVX2 / AVX-512): say which each run had
+    lines.append("| backbone, (b) / (d) | " + " | ".join(" / ".join(done.get(key(row, lr, 0, it), {}).get(
+        "backbone", "–")[:6] for row in "bd") for lr in LRS) + " |")
     lrs = chosen(done, it)
     table = ["| | loss | paper AP | paper, relative to FL γ = 2 | LR | seeds | val AP | relative to FL γ = 2 | "
              "endpoint (held-out gain, last quarter) |" + (" negatives' pull at the prior |" if negatives else ""),

@@ -112,3 +112,11 @@ def test_the_study_form_keeps_the_dense_recipes_imbalance_at_fewer_pixels(tmp_pa
     assert E.SIZE < recipes.DENSE["min_size"] and form["anchors_per_image"] < dense["anchors_per_image"]
     for k in ("negative_samples_per_positive", "negative_anchors_per_positive"):
         assert form[k] == pytest.approx(dense[k], rel=0.05)
+
+
+def test_the_lr_table_names_each_runs_backbone():  # pretrain.py's weights differ from host to host
+    run = {"stats": {"AP": 0.3}, "curve": []}
+    done = {E.key("b", 0.04, 0, E.ITERS): {**run, "backbone": "889dc69fec2c"},
+            E.key("d", 0.04, 0, E.ITERS): {**run, "backbone": "f727958e705c"}}
+    line = E.tables(done)["lr_markdown"].splitlines()[-1]
+    assert line == "| backbone, (b) / (d) | – / – | – / – | 889dc6 / f72795 |"
