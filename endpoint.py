@@ -32,8 +32,10 @@ import shapes
 import weights as W
 from evaluate import evaluate
 from loss import MONITOR, pull_at_prior
+from table1 import ORDER, ROWS, SEEDS
 
 ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 4000, 500, 0.01, (0.01, 0.02, 0.04)
+STUDY_HOURS = 12  # the issue's budget: no run starts that would end past it, counting every run in the ledger
 # The study's form of the dense set: 160 px, not the dense recipe's 192, with the anchors x5/6 and the same
 # strides, so the imbalance stays (shapes.imbalance: 22,482 negative samples per positive, 192 px: 22,327; 748
 # negative anchors per positive, 743) at 0.80x the seconds an iteration: more iterations in the 12 hours
@@ -41,29 +43,16 @@ ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 4000, 500, 0.01, (0.01, 0.02, 0.04)
 SIZE, ANCHORS = 160, (13, 27, 53, 107, 213)
 FORM = ["--min-size", str(SIZE), "--max-size", str(SIZE), "--anchor-sizes", *map(str, ANCHORS)]
 LEDGER = "docs/study/endpoint_runs.json"
-CE, FL = ("--gamma", "0", "--alpha", "none"), ("--alpha", "0.25")
-ROWS = {  # name -> (loss, the paper's row, its AP, that table's FL γ = 2 AP, family, train.py flags); §5.1
-    "a": ("CE, bias 0 (no prior)", "§3.3: diverges", None, 34.0, "CE", [*CE, "--prior", "0.5"]),
-    "b": ("CE, prior π = .01", "§3.3 (= Table 1a α = .5 ×2)", 30.2, 34.0, "CE", [*CE]),
-    "c.25": ("α-CE, α = .25", "Table 1a", 10.8, 34.0, "CE", ["--gamma", "0", "--alpha", "0.25"]),
-    "c.5": ("α-CE, α = .5", "Table 1a", 30.2, 34.0, "CE", ["--gamma", "0", "--alpha", "0.5"]),
-    "c": ("α-CE, α = .75", "Table 1a, 1b γ = 0", 31.1, 34.0, "CE", ["--gamma", "0", "--alpha", "0.75"]),
-    "c.9": ("α-CE, α = .9", "Table 1a", 30.8, 34.0, "CE", ["--gamma", "0", "--alpha", "0.9"]),
-    "e0.5": ("FL γ = .5, α = .5", "Table 1b", 32.9, 34.0, "FL", ["--gamma", "0.5", "--alpha", "0.5"]),
-    "e1": ("FL γ = 1, α = .25", "Table 1b", 33.7, 34.0, "FL", ["--gamma", "1", *FL]),
-    "d": ("FL γ = 2, α = .25", "Table 1b", 34.0, 34.0, "FL", ["--gamma", "2", *FL]),
-    "e5": ("FL γ = 5, α = .25", "Table 1b", 32.2, 34.0, "FL", ["--gamma", "5", *FL]),
-    "g": ("OHEM, no ratio, 128, NMS .5", "Table 1d (R101)", 32.8, 36.0, "CE", [*CE, "--ohem", "inf"]),
-    "f": ("OHEM 1:3, 128, NMS .5", "Table 1d (R101)", 31.1, 36.0, "CE", [*CE, "--ohem", "3"]),
-}
-SEEDS = {"b": 3, "c": 3, "d": 3}  # the others: 2
-# The order the table's runs go in: (b) and (d) first, then the rows the issue would cut last if the study ran
-# over its 12 hours (cut first: e0.5, then e5, the α grid, OHEM 1:3), so that a budget that runs out cuts them.
-ORDER = ("b", "d", "c", "e1", "a", "g", "f", "c.9", "c.5", "c.25", "e5", "e0.5")
 
 
 def eval_points(iters):
     return [iters * k // 8 for k in range(1, 9)]
+
+
+def study_hours(done, iters):
+    """The ledger's hours of training, and one more run of `iters` at its mean: where the next run would end."""
+    runs = [r["seconds"] for k, r in done.items() if k.endswith(f"/{iters}") and "seconds" in r]
+    return (sum(r.get("seconds", 0) for r in done.values()) + (sum(runs) / len(runs) if runs else 0)) / 3600
 
 
 def endpoint_gain(curve, iters):
@@ -200,6 +189,10 @@ def cmd_endpoint(args):
                 print(f"{row} lr {lr:g} seed {seed}: not started, over --budget-minutes (rerun to continue)")
                 break
             new = key(row, lr, seed, args.iters) not in ledger(args.ledger)
+            if new and not args.report_only and (hours := study_hours(ledger(args.ledger), args.iters)) > STUDY_HOURS:
+                print(f"{row} lr {lr:g} seed {seed}: not started, the study's {STUDY_HOURS} hours are spent "
+                      f"({hours:.1f} with it): the rows after it are cut")
+                break
             result = run(args, data, row, lr, seed)
             trained += bool(new and result)
             if result:

@@ -120,3 +120,11 @@ def test_the_lr_table_names_each_runs_backbone():  # pretrain.py's weights diffe
             E.key("d", 0.04, 0, E.ITERS): {**run, "backbone": "f727958e705c"}}
     line = E.tables(done)["lr_markdown"].splitlines()[-1]
     assert line == "| backbone, (b) / (d) | – / – | – / – | 889dc6 / f72795 |"
+
+
+def test_the_study_stops_before_a_run_that_would_end_past_its_hours():
+    done = {E.key("b", 0.04, s, E.ITERS): {"seconds": 1800} for s in range(22)}  # 11 hours, a run is half an hour
+    done["b/lr0.04/seed0/2400"] = {"seconds": 1800}  # a pilot counts too: 11.5 hours
+    assert E.study_hours(done, E.ITERS) == pytest.approx(12.0)  # the next run would end at 12: allowed
+    done["d/lr0.04/seed0/2400"] = {"seconds": 60}
+    assert E.study_hours(done, E.ITERS) > E.STUDY_HOURS
