@@ -1,5 +1,6 @@
-"""Table 1 at the endpoint (§5.1; Table 1a, 1b, 1d): every row trained until its AP stops rising, at a
-learning rate chosen for its loss family on held-out training pictures. Run through analyze.py:
+"""Table 1 at the endpoint (§5.1; Table 1a, 1b, 1d): every row trained long, at a learning rate chosen for
+its loss family on held-out training pictures, and the table says whether its AP had stopped rising.
+Run through analyze.py:
 
     python analyze.py endpoint --stage lr        # (b) and (d) at three LRs, seed 0: each family's LR
     python analyze.py endpoint                   # then every row at its family's LR, 2-3 seeds
@@ -15,6 +16,9 @@ learning rate chosen for its loss family on held-out training pictures. Run thro
   CE-family rows take (b)'s best, FL rows (d)'s; the LR runs at the chosen LRs are seed 0 of (b), (d).
 - A finished run's result goes into LEDGER (committed, since runs/ is not): a finished run is never
   rerun, in this session or a later one; an interrupted one resumes from its checkpoint under runs/.
+- The study is 12 CPU-hours (STUDY_HOURS, counted from the ledger's seconds): no run starts that would end
+  past them, and the rows the issue cuts first run last (table1.ORDER). The runs are on FORM, a cheaper
+  form of the dense set with the same negatives per positive (docs/study.md, "The schedule and form").
 """
 import hashlib
 import json
@@ -39,7 +43,8 @@ STUDY_HOURS = 12  # the issue's budget: no run starts that would end past it, co
 # The study's form of the dense set: 160 px, not the dense recipe's 192, with the anchors x5/6 and the same
 # strides, so the imbalance stays (shapes.imbalance: 22,482 negative samples per positive, 192 px: 22,327; 748
 # negative anchors per positive, 743) at 0.80x the seconds an iteration: more iterations in the 12 hours
-# (docs/study.md, "The revised plan"). The first LR runs (2,400 iterations, in the ledger) were at 192 px.
+# (docs/study.md, "The schedule and form, revised"). The first LR runs (2,400 iterations, in the ledger) were
+# at 192 px: pilots now, which `--iters 2400` no longer matches (their flags lack FORM).
 SIZE, ANCHORS = 160, (13, 27, 53, 107, 213)
 FORM = ["--min-size", str(SIZE), "--max-size", str(SIZE), "--anchor-sizes", *map(str, ANCHORS)]
 LEDGER = "docs/study/endpoint_runs.json"
@@ -50,8 +55,9 @@ def eval_points(iters):
 
 
 def study_hours(done, iters):
-    """The ledger's hours of training, and one more run of `iters` at its mean: where the next run would end."""
-    runs = [r["seconds"] for k, r in done.items() if k.endswith(f"/{iters}") and "seconds" in r]
+    """The ledger's hours of training, and one more run of `iters` at its trained runs' mean: where the next
+    run would end. (A run resumed in a session counts its last part; one cut by a session's end, nothing.)"""
+    runs = [r["seconds"] for k, r in done.items() if k.endswith(f"/{iters}") and "stats" in r]
     return (sum(r.get("seconds", 0) for r in done.values()) + (sum(runs) / len(runs) if runs else 0)) / 3600
 
 
@@ -191,7 +197,7 @@ def cmd_endpoint(args):
             new = key(row, lr, seed, args.iters) not in ledger(args.ledger)
             if new and not args.report_only and (hours := study_hours(ledger(args.ledger), args.iters)) > STUDY_HOURS:
                 print(f"{row} lr {lr:g} seed {seed}: not started, the study's {STUDY_HOURS} hours are spent "
-                      f"({hours:.1f} with it): the rows after it are cut")
+                      f"({hours:.2f} with it): the rows after it are cut")
                 break
             result = run(args, data, row, lr, seed)
             trained += bool(new and result)
@@ -224,8 +230,8 @@ def tables(done, it=ITERS, negatives=None):
     """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too),
     with a column of each loss's pull at the prior for `negatives` negative samples per positive (default:
     the ledger's, as its runs counted them)."""
-    negatives = negatives or next((r["negative_samples_per_positive"] for r in done.values()
-                                   if "negative_samples_per_positive" in r), None)
+    negatives = negatives or next((r["negative_samples_per_positive"] for k, r in done.items()
+                                   if k.endswith(f"/{it}") and "negative_samples_per_positive" in r), None)
     lines = ["| LR per 16 images | " + " | ".join(f"{lr:g}" for lr in LRS) + " |", "|---" * (len(LRS) + 1) + "|"]
     for row in ("b", "d"):
         cells = [done.get(key(row, lr, 0, it), {}) for lr in LRS]

@@ -2,6 +2,7 @@
 that chooses on held-out pictures, reuses its LR runs as the table's seed 0 and never reruns a finished run."""
 import json
 import shutil
+import types
 
 import pytest
 from test_ablate import TINY
@@ -122,8 +123,22 @@ def test_the_lr_table_names_each_runs_backbone():  # pretrain.py's weights diffe
     assert line == "| backbone, (b) / (d) | – / – | – / – | 889dc6 / f72795 |"
 
 
+def test_the_study_starts_no_run_past_its_hours(tiny_shapes, tmp_path, monkeypatch):
+    root = shutil.copytree(tiny_shapes, tmp_path / "set")
+    (tmp_path / "backbone.pth").write_bytes(b"x")
+    monkeypatch.setattr(pretrain, "WEIGHTS", str(tmp_path / "backbone.pth"))
+    monkeypatch.setattr(E, "HOLDOUT", 3)
+    clock = iter(range(0, 10**9, 1000))  # a fake clock: every reading 1,000 s on, so a run takes thousands
+    monkeypatch.setattr(E, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    (tmp_path / "ledger.json").write_text(json.dumps({"b/lr0.01/seed0/2400": {"seconds": 3600 * 11.9}}))
+    analyze.main(args("endpoint", "--stage", "lr", "--iters", 8, "--data", root, "--out", tmp_path, "--ledger",
+                      tmp_path / "ledger.json", f"--train-args={TINY}"))
+    assert len(json.load(open(tmp_path / "ledger.json"))) == 2  # the pilot and one run: the next would end past 12
+
+
 def test_the_study_stops_before_a_run_that_would_end_past_its_hours():
-    done = {E.key("b", 0.04, s, E.ITERS): {"seconds": 1800} for s in range(22)}  # 11 hours, a run is half an hour
+    done = {E.key("b", 0.04, s, E.ITERS): {"seconds": 1800, "stats": {}} for s in range(22)}  # 11 h, 30 min a run
+    done[E.key("b", 0.04, 22, E.ITERS)] = {"seconds": 0, "diverged": "iteration 1"}  # counts, but not in the mean
     done["b/lr0.04/seed0/2400"] = {"seconds": 1800}  # a pilot counts too: 11.5 hours
     assert E.study_hours(done, E.ITERS) == pytest.approx(12.0)  # the next run would end at 12: allowed
     done["d/lr0.04/seed0/2400"] = {"seconds": 60}
