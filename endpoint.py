@@ -203,7 +203,7 @@ def cmd_endpoint(args):
             trained += bool(new and result)
             if result:
                 print(f"{row} lr {lr:g} seed {seed}: held-out AP {result.get('stats', {}).get('AP')}, val AP "
-                      f"{result.get('val', {}).get('AP')}, endpoint gain {endpoint_gain(curve(result), args.iters)}")
+                      f"{result.get('val', {}).get('AP')}, gain over the last quarter {gain_text(result, args.iters)}")
     return report(args)
 
 
