@@ -46,10 +46,12 @@ METRICS = ("AP", "AP50", "AP75", "APs")
 LEVELS = {"shapes": ("data/shapes", None, 160), "dense6": ("data/dense6", 6, 192), "dense": ("data/dense", 30, 192)}
 
 
-def level_data(level, path=None, write=True):
+def level_data(level, path=None, write=True, size=None, anchors=None):
     """The data folder of a level (or `path`), written first if missing (and the pretrained backbone the
-    dense recipe starts from) unless not `write`, and its imbalance as shapes.imbalance counts it."""
-    default, classes, size = LEVELS[level]
+    dense recipe starts from) unless not `write`, and its imbalance as shapes.imbalance counts it (at the
+    level's size and the dense recipe's anchors, or at `size` and `anchors`: another form of the set)."""
+    default, classes, level_size = LEVELS[level]
+    size, anchors = size or level_size, tuple(anchors or recipes.DENSE["anchor_sizes"])
     path = path or default
     if not os.path.exists(D.coco_paths(path, "val")[0]):
         if not write:
@@ -57,7 +59,7 @@ def level_data(level, path=None, write=True):
         shapes.make_shapes(path) if classes is None else shapes.make_dense(path, num_classes=classes)
     if write and not os.path.exists(pretrain.WEIGHTS):
         pretrain.main(pretrain.get_args_parser().parse_args([]))
-    return path, shapes.imbalance(shapes.training_view(path, size), tuple(recipes.DENSE["anchor_sizes"]))
+    return path, shapes.imbalance(shapes.training_view(path, size), anchors)
 
 
 def settings(flags):

@@ -32,7 +32,6 @@ import torch
 import ablate
 import checkpoint as C
 import data as D
-import shapes
 import weights as W
 from evaluate import evaluate
 from loss import MONITOR, pull_at_prior
@@ -177,8 +176,7 @@ def cmd_endpoint(args):
     if args.iters < 8:
         raise ValueError(f"endpoint: --iters {args.iters}: at least 8 (an evaluation at every eighth)")
     try:
-        data, _ = ablate.level_data("dense", args.data, write=not args.report_only)
-        args.imbalance = shapes.imbalance(shapes.training_view(data, SIZE), ANCHORS)  # the study's form
+        data, args.imbalance = ablate.level_data("dense", args.data, not args.report_only, SIZE, ANCHORS)
     except ValueError:  # --report-only on a clone without the set: the ledger is enough
         data, args.imbalance = None, None
     t0, trained = time.time(), 0
