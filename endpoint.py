@@ -159,8 +159,11 @@ def plan(args):
     if args.stage == "lr":
         return [(row, lr, 0) for lr in reversed(LRS) for row in ("b", "d")]  # 0.04: the 800-iteration study's
     lrs = chosen(ledger(args.ledger), args.iters)
-    rows = sorted(args.rows, key=ORDER.index)  # what is cut last runs first
-    return [(row, lrs[ROWS[row][4]], s) for row in rows for s in range(SEEDS.get(row, 2))] if lrs else []
+    # What is cut last runs first, except that (b) and (d) alternate seed by seed: each seed's pair trains in one
+    # session, on one host's backbone (pretrain.py's weights differ from host to host), so FL - CE pairs on it.
+    runs = [(row, lrs[ROWS[row][4]], s) for row in args.rows for s in range(SEEDS.get(row, 2))] if lrs else []
+    return sorted(runs, key=lambda r: (0, r[2], ORDER.index(r[0])) if r[0] in ("b", "d") else
+                  (1, ORDER.index(r[0]), r[2]))
 
 
 def chosen(done, iters):

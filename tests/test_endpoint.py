@@ -49,6 +49,16 @@ def test_each_family_takes_its_best_held_out_lr_and_a_tie_the_lower():
     assert E.choose_lrs({"CE": {0.01: 0.3, 0.04: 0.3}}) == {"CE": 0.01}
 
 
+def test_the_table_runs_b_and_d_seed_by_seed_then_the_rows_in_the_order_they_are_cut(tmp_path):
+    lr_runs = {E.key(row, lr, 0, 8): {"stats": {"AP": ap}} for row, aps in (("b", (0.1, 0.3, 0.2)), ("d", (
+        0.5, 0.4, 0.6))) for lr, ap in zip(E.LRS, aps)}
+    (tmp_path / "ledger.json").write_text(json.dumps(lr_runs))
+    plan = E.plan(types.SimpleNamespace(stage="table", ledger=tmp_path / "ledger.json", iters=8, rows=["g", "c", "d",
+                                                                                                     "b"]))
+    assert plan == [("b", 0.02, 0), ("d", 0.04, 0), ("b", 0.02, 1), ("d", 0.04, 1), ("b", 0.02, 2), ("d", 0.04, 2),
+                    ("c", 0.02, 0), ("c", 0.02, 1), ("c", 0.02, 2), ("g", 0.02, 0), ("g", 0.02, 1)]
+
+
 def test_study_chooses_on_held_out_pictures_reuses_lr_runs_and_never_reruns(tiny_shapes, tmp_path, monkeypatch):
     root = shutil.copytree(tiny_shapes, tmp_path / "set")
     (tmp_path / "backbone.pth").write_bytes(b"x")  # stands for pretrain.py's weights; TINY trains without them
