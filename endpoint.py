@@ -281,17 +281,20 @@ def figures(args, done, lrs):
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     panels = [("AP", "held-out COCO AP"), ("cls", "class loss"), ("box", "box loss"), ("pos_logit", "mean logit, "
               "positives"), ("neg_logit", "mean logit, negatives"), ("scored_above_0.05", "anchors scored > .05")]
+    colours = {}  # one colour a (row, LR), its seeds in it: seed 0 labelled and bold, the others thin
     for k, r in sorted(runs.items()):
         row, lr, seed, _ = k.split("/")
         label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
+        colour = colours.setdefault(label, f"C{len(colours) % 10}")
         for ax, (m, title) in zip(axes.flat, panels):
             points = curve(r) if m == "AP" else [(i, v) for i, v in zip(r["log"]["iter"], r["log"][m]) if v is not None]
             if not points:
                 continue
-            ax.plot(*zip(*points), lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5, label=label if seed0 else None)
+            ax.plot(*zip(*points), color=colour, lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5,
+                    label=label if seed0 else None)
             ax.set(title=title, xlabel="iteration")
     axes[0, 1].set_yscale("log")  # CE's class loss starts near 10, FL's near 1
     axes[1, 2].set_yscale("log")
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7, title="seed 0; thin: seeds 1-2", title_fontsize=7)
     D.save_figure(fig, args.out, "endpoint", {"lrs": lrs, "runs": sorted(runs)})
     plt.close(fig)
