@@ -201,6 +201,9 @@ def get_args_parser():
     a("--stage", choices=["lr", "table", "all"], default="all", help="endpoint: the LR runs, the table's, or both")
     a("--rows", nargs="+", choices=list(endpoint.ROWS), help="endpoint: the table's rows (default: all)")
     a("--ledger", help=f"endpoint: the finished runs' results (default {endpoint.LEDGER})")
+    a("--lrs", type=float, nargs=2, metavar=("CE", "FL"), help="endpoint: each family's LR per 16 images, given "
+      "(default: the LR stage's choice in the ledger)")
+    a("--seed", type=int, help="endpoint: this seed's runs only (default: every seed of each row)")
     a("--train-args", default="", help="ablate, sweep, endpoint: more train.py flags for every run")
     a("--scale", type=int, help="anchors: shorter side (default: the checkpoint's or the dataset's preset's)")
     a("--max-size", type=int, help="anchors: longest side")

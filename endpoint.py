@@ -26,7 +26,6 @@ import os
 import platform
 import time
 
-import matplotlib.pyplot as plt
 import torch
 
 import ablate
@@ -35,7 +34,7 @@ import data as D
 import weights as W
 from evaluate import evaluate
 from loss import MONITOR, pull_at_prior
-from table1 import ORDER, ROWS, SEEDS
+from table1 import ORDER, ROWS, SEEDS, curve, figure
 
 ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 4000, 500, 0.01, (0.01, 0.02, 0.04)
 STUDY_HOURS = 12  # the issue's budget: no run starts that would end past it, counting every run in the ledger
@@ -117,16 +116,18 @@ def run(args, data, row, lr, seed):
             raise ValueError(f"{args.ledger}: {k} was trained with other flags (its 'flags' there); choose another "
                              "--ledger")
         return done[k]
+    on = flags[flags.index("--device") + 1] if "--device" in flags else "cuda" if torch.cuda.is_available() else "cpu"
     out, t0 = os.path.join(args.out, "endpoint", k), time.time()
     result = ablate.train_run(out, flags)
     if "stats" in result:  # the table's number: the val pictures, seen by no decision
         ann, val_images = D.coco_paths(data, "val")
-        model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"), on)  # train.py's device
         result["val"] = evaluate(model, D.CocoDetection(ann, val_images))
         rows = [r for r in C.read_metrics(out) if "eval" not in r]  # the training log, by column (compact)
         result["log"] = {m: [r.get(m) for r in rows] for m in ("iter", "cls", "box", "lr", *MONITOR)}
+    chip = torch.cuda.get_device_name(on) if on != "cpu" else torch.backends.cpu.get_cpu_capability()
     result.update(flags=flags, seconds=round(time.time() - t0), host=f"{platform.processor() or platform.machine()} "
-                  f"{torch.backends.cpu.get_cpu_capability()}", backbone=digest(ablate.pretrain.WEIGHTS),
+                  f"{chip}", backbone=digest(ablate.pretrain.WEIGHTS),
                   train_ann=digest(D.coco_paths(data, "train")[0]),
                   negative_samples_per_positive=args.imbalance["negative_samples_per_positive"])
     done = ledger(args.ledger)  # again: another process may have added runs meanwhile
@@ -150,20 +151,23 @@ def gain_text(result, it):
     return "–" if gain is None else f"{gain:+.3f}"
 
 
-def curve(result):
-    return [(r["iter"], r["eval"]["AP"]) for r in result.get("curve", [])]
-
-
 def plan(args):
     """The runs of a stage in order: [(row, lr, seed)]. The table's needs the LR stage's choice."""
     if args.stage == "lr":
         return [(row, lr, 0) for lr in reversed(LRS) for row in ("b", "d")]  # 0.04: the 800-iteration study's
-    lrs = chosen(ledger(args.ledger), args.iters)
+    lrs = given_lrs(args) or chosen(ledger(args.ledger), args.iters)
     # What is cut last runs first, except that (b) and (d) alternate seed by seed: each seed's pair trains in one
     # session, on one host's backbone (pretrain.py's weights differ from host to host), so FL - CE pairs on it.
-    runs = [(row, lrs[ROWS[row][4]], s) for row in args.rows for s in range(SEEDS.get(row, 2))] if lrs else []
+    runs = [(row, lrs[ROWS[row][4]], s) for row in args.rows for s in range(SEEDS.get(row, 2))
+            if getattr(args, "seed", None) in (None, s)] if lrs else []
     return sorted(runs, key=lambda r: (0, r[2], ORDER.index(r[0])) if r[0] in ("b", "d") else
                   (1, ORDER.index(r[0]), r[2]))
+
+
+def given_lrs(args):
+    """--lrs CE FL: each family's LR given, not chosen by the LR stage of this ledger (a block of runs on another
+    device at the LRs that the CPU study chose, say); else None."""
+    return dict(zip(("CE", "FL"), args.lrs)) if getattr(args, "lrs", None) else None
 
 
 def chosen(done, iters):
@@ -211,8 +215,8 @@ def cmd_endpoint(args):
 def report(args):
     """tables() of the ledger, written to OUT/endpoint.json, with the figures; printed."""
     done = ledger(args.ledger)
-    out = tables(done, args.iters, args.imbalance and args.imbalance["negative_samples_per_positive"])
-    figures(args, done, out["lrs"])
+    out = tables(done, args.iters, args.imbalance and args.imbalance["negative_samples_per_positive"], given_lrs(args))
+    figure(done, args.iters, args.out, out["lrs"])
     D.write_json(os.path.join(args.out, "endpoint.json"), out)
     print(out["lr_markdown"] + "\n\n" + out["markdown"])
     return out
@@ -227,10 +231,10 @@ def pull(row, negatives):
     return pull_at_prior(float(flags["--gamma"]), alpha, negatives, float(flags.get("--prior", 0.01)))
 
 
-def tables(done, it=ITERS, negatives=None):
+def tables(done, it=ITERS, negatives=None, lrs=None):
     """The LR table, and Table 1 beside the paper's with AP relative to FL γ = 2 for both (the app's too),
     with a column of each loss's pull at the prior for `negatives` negative samples per positive (default:
-    the ledger's, as its runs counted them)."""
+    the ledger's, as its runs counted them). lrs: each family's LR, if not the LR stage's choice (--lrs)."""
     negatives = negatives or next((r["negative_samples_per_positive"] for k, r in done.items()
                                    if k.endswith(f"/{it}") and "negative_samples_per_positive" in r), None)
     lines = ["| LR per 16 images | " + " | ".join(f"{lr:g}" for lr in LRS) + " |", "|---" * (len(LRS) + 1) + "|"]
@@ -242,7 +246,7 @@ def tables(done, it=ITERS, negatives=None):
     # pretrain.py's backbone is not bitwise the same from host to host (AVX2 / AVX-512): say which each run had
     lines.append("| backbone, (b) / (d) | " + " | ".join(" / ".join(done.get(key(row, lr, 0, it), {}).get(
         "backbone", "–")[:6] for row in "bd") for lr in LRS) + " |")
-    lrs = chosen(done, it)
+    lrs = lrs or chosen(done, it)
     table = ["| | loss | paper AP | paper, relative to FL γ = 2 | LR | seeds | val AP | relative to FL γ = 2 | "
              "endpoint (held-out gain, last quarter) |" + (" negatives' pull at the prior |" if negatives else ""),
              "|---" * (10 if negatives else 9) + "|"]
@@ -273,28 +277,3 @@ def summary(done=None):
     out = tables(ledger() if done is None else done)
     return (f"### Table 1 at the endpoint (`analyze.py endpoint`), {out['iters']} iterations a run, each family's "
             f"LR chosen on held-out pictures\n\n{out['markdown']}\n\nThe LR stage:\n\n{out['lr_markdown']}")
-
-
-def figures(args, done, lrs):
-    """AP against iterations (held-out) of every run, and the classifier's log side by side (§3.2-3.3)."""
-    runs = {k: r for k, r in done.items() if k.endswith(f"/{args.iters}") and "log" in r}
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    panels = [("AP", "held-out COCO AP"), ("cls", "class loss"), ("box", "box loss"), ("pos_logit", "mean logit, "
-              "positives"), ("neg_logit", "mean logit, negatives"), ("scored_above_0.05", "anchors scored > .05")]
-    colours = {}  # one colour a (row, LR), its seeds in it: seed 0 labelled and bold, the others thin
-    for k, r in sorted(runs.items()):
-        row, lr, seed, _ = k.split("/")
-        label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
-        colour = colours.setdefault(label, f"C{len(colours) % 10}")
-        for ax, (m, title) in zip(axes.flat, panels):
-            points = curve(r) if m == "AP" else [(i, v) for i, v in zip(r["log"]["iter"], r["log"][m]) if v is not None]
-            if not points:
-                continue
-            ax.plot(*zip(*points), color=colour, lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5,
-                    label=label if seed0 else None)
-            ax.set(title=title, xlabel="iteration")
-    axes[0, 1].set_yscale("log")  # CE's class loss starts near 10, FL's near 1
-    axes[1, 2].set_yscale("log")
-    axes[0, 0].legend(fontsize=7, title="seed 0; thin: seeds 1-2", title_fontsize=7)
-    D.save_figure(fig, args.out, "endpoint", {"lrs": lrs, "runs": sorted(runs)})
-    plt.close(fig)

@@ -59,6 +59,20 @@ def test_the_table_runs_b_and_d_seed_by_seed_then_the_rows_in_the_order_they_are
                     ("c", 0.02, 0), ("c", 0.02, 1), ("c", 0.02, 2), ("g", 0.02, 0), ("g", 0.02, 1)]
 
 
+def test_given_lrs_and_one_seed_plan_a_block_of_runs_without_the_lr_stage(tmp_path):  # a block on a GPU, say
+    a = types.SimpleNamespace(stage="table", ledger=tmp_path / "empty.json", iters=8, rows=["c", "d", "b"], lrs=None)
+    assert E.plan(a) == []  # no LR stage in this ledger: the table waits for it
+    a.lrs, a.seed = [0.01, 0.02], 1
+    assert E.plan(a) == [("b", 0.01, 1), ("d", 0.02, 1), ("c", 0.01, 1)]  # CE rows CE's LR, FL rows FL's
+    a.seed = None
+    assert len(E.plan(a)) == 9
+    run = {"stats": {"AP": 0.5}, "val": {"AP": 0.4}, "curve": []}
+    out = E.tables({E.key("b", 0.01, 1, E.ITERS): run, E.key("d", 0.02, 2, E.ITERS): {**run, "val": {"AP": 0.5}}},
+                   lrs={"CE": 0.01, "FL": 0.02})
+    assert out["lrs"] == {"CE": 0.01, "FL": 0.02} and out["rows"]["b"]["seeds"] == 1
+    assert "| (b) | CE, prior π = .01 | 30.2 | 0.89 | 0.01 | 1 | 0.400 | 0.80 |" in out["markdown"]
+
+
 def test_study_chooses_on_held_out_pictures_reuses_lr_runs_and_never_reruns(tiny_shapes, tmp_path, monkeypatch):
     root = shutil.copytree(tiny_shapes, tmp_path / "set")
     (tmp_path / "backbone.pth").write_bytes(b"x")  # stands for pretrain.py's weights; TINY trains without them
