@@ -78,7 +78,9 @@ def test_infer_detections_equal_detect(tiny_shapes, tiny_checkpoint, tmp_path):
     path = os.path.join(tiny_shapes, "val", "000002.jpg")
     by_path, failed = infer.main(args(path, "--weights", tiny_checkpoint, "--out", tmp_path, "--score-thresh", "0.1"))
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    expected = M.detect(W.load_checkpoint(tiny_checkpoint), [image], score_thresh=0.1)[0]
+    # the model infer.py runs (BN folded into the convs: test_model holds that to the unfolded one's outputs;
+    # the boxes of the two differ by float32 rounding, 1.3e-5 px seen on an Intel AMX host)
+    expected = M.detect(infer.load_model(tiny_checkpoint), [image], score_thresh=0.1)[0]
     assert failed == 0 and len(expected["boxes"]) > 0
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(by_path[path][key], expected[key])
