@@ -42,16 +42,17 @@ def figure(done, iters, out, lrs):
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     panels = [("AP", "held-out COCO AP"), ("cls", "class loss"), ("box", "box loss"), ("pos_logit", "mean logit, "
               "positives"), ("neg_logit", "mean logit, negatives"), ("scored_above_0.05", "anchors scored > .05")]
-    colours = {}  # one colour a (row, LR), its seeds in it: seed 0 labelled and bold, the others thin
+    colours = {}  # one style a (row, LR), its seeds in it: seed 0 labelled and bold, the others thin
     for k, r in sorted(runs.items()):
         row, lr, seed, _ = k.split("/")
         label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
-        colour = colours.setdefault(label, f"C{len(colours) % 10}")
+        n = colours.setdefault(label, len(colours))
+        colour, dashes = f"C{n % 10}", "-" if n < 10 else "--"  # past ten (row, LR)s the colours come round dashed
         for ax, (m, title) in zip(axes.flat, panels):
             points = curve(r) if m == "AP" else [(i, v) for i, v in zip(r["log"]["iter"], r["log"][m]) if v is not None]
             if not points:
                 continue
-            ax.plot(*zip(*points), color=colour, lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5,
+            ax.plot(*zip(*points), dashes, color=colour, lw=1.2 if seed0 else 0.6, alpha=1 if seed0 else 0.5,
                     label=label if seed0 else None)
             ax.set(title=title, xlabel="iteration")
     axes[0, 1].set_yscale("log")  # CE's class loss starts near 10, FL's near 1
