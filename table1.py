@@ -42,11 +42,11 @@ def figure(done, iters, out, lrs):
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     panels = [("AP", "held-out COCO AP"), ("cls", "class loss"), ("box", "box loss"), ("pos_logit", "mean logit, "
               "positives"), ("neg_logit", "mean logit, negatives"), ("scored_above_0.05", "anchors scored > .05")]
-    colours = {}  # one style a (row, LR), its seeds in it: seed 0 labelled and bold, the others thin
+    styles = {}  # one style a (row, LR), its seeds in it: seed 0 labelled and bold, the others thin
     for k, r in sorted(runs.items()):
         row, lr, seed, _ = k.split("/")
         label, seed0 = f"({row}) LR {lr[2:]}", seed == "seed0"
-        n = colours.setdefault(label, len(colours))
+        n = styles.setdefault(label, len(styles))
         colour, dashes = f"C{n % 10}", "-" if n < 10 else "--"  # past ten (row, LR)s the colours come round dashed
         for ax, (m, title) in zip(axes.flat, panels):
             points = curve(r) if m == "AP" else [(i, v) for i, v in zip(r["log"]["iter"], r["log"][m]) if v is not None]
