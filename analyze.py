@@ -1,5 +1,6 @@
 """The paper's analyses, reproduced on any checkpoint: Fig. 1, Fig. 4 and where the loss goes, Table 1
-with error bars and the imbalance sweep (ablate.py), anchor coverage, evaluation.
+with error bars and the imbalance sweep (study/ablate.py), Table 1 at the endpoint (study/endpoint.py), anchor
+coverage, evaluation.
 
     python analyze.py curves                                   # Fig. 1: FL(p_t) for gamma in {0, .5, 1, 2, 5}
     python analyze.py cdf                                      # Fig. 4 and loss shares, quick start model, shapes val
@@ -22,15 +23,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import ablate
 import anchors as A
 import data as D
-import endpoint
 import infer
 import model as M
-import recipes
-from evaluate import category_ids, evaluate
+import train
+import weights as W
+from engine import category_ids, evaluate
 from fig4 import cache_key, easy_share, fig4, focal_values, load_or_collect, where_the_loss_goes
+from loss import LossConfig
+from study import ablate, dense, endpoint
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 LEVELS = ("P3", "P4", "P5", "P6", "P7")
@@ -88,7 +90,8 @@ def cmd_cdf(args):
     ds = dataset(args.data, args.split, model.cfg, train_like=True)
     key = cache_key(args.weights, ds.ann_file, args.max_images, args.max_negatives)
     run = load_or_collect(model, ds, args.cache or os.path.join(args.out, "cdf_cache.npz"), key,
-                          max_images=args.max_images, max_negatives=args.max_negatives)
+                          max_images=args.max_images, max_negatives=args.max_negatives,
+                          assign=W.load_loss_config(args.weights))
     fig, curves, shares = fig4(run, args.gammas)
     where = where_the_loss_goes(run, args.gammas)
     numbers = {"images": run["images"], "positives": len(run["pos"]), "negatives": len(run["neg"]),
@@ -103,17 +106,18 @@ def cmd_cdf(args):
     return numbers
 
 
-def anchor_coverage(cfg, ds, max_images=None):
+def anchor_coverage(cfg, ds, max_images=None, assign=None):
     """For every ground-truth box: its size, best anchor IoU, the level of that anchor, and how many
-    anchors training makes positive for it (anchors.match, as training assigns them)."""
-    rows = []
+    anchors training makes positive for it (anchors.match, as training assigns them with assign's IoU
+    thresholds, a LossConfig, default the paper's)."""
+    rows, assign = [], assign or LossConfig()
     for i in range(len(ds) if max_images is None else min(len(ds), max_images)):
         image, target = ds[i]
         boxes, d = target["boxes"], cfg.size_divisible
         anchors, per_level = M.make_anchors(cfg, [-(-s // d) * d for s in image.shape[1:]])  # padded as training
         iou = A.box_iou(boxes, anchors)  # (M, R)
         matched = A.match(anchors, boxes[None], torch.ones(1, len(boxes), dtype=torch.bool),
-                          cfg.fg_iou, cfg.bg_iou, cfg.low_quality_matches)[0]
+                          assign.fg_iou, assign.bg_iou, assign.low_quality_matches)[0]
         level = np.searchsorted(np.cumsum(per_level), iou.argmax(1).numpy(), side="right")
         for j, box in enumerate(boxes):
             rows.append({"size": float(((box[2] - box[0]) * (box[3] - box[1])).sqrt()), "best_iou": float(iou[j].max()),
@@ -124,12 +128,12 @@ def anchor_coverage(cfg, ds, max_images=None):
 
 
 def preset_config(data, split):
-    """The train.py preset a dataset trains with by default (the shapes set: quickstart, the dense set:
-    dense, any other: paper) and a ModelConfig with its anchors and scale."""
+    """The recipe a dataset trains with by default (the shapes set: train.py's quickstart, the dense set: the
+    study's dense, any other: train.py's paper) and a ModelConfig with its anchors and scale."""
     split = split or ("val" if os.path.exists(D.coco_paths(data, "val")[0]) else "val2017")
     kinds = {c.get("supercategory") for c in D.load_coco(D.coco_paths(data, split)[0]).cats.values()}
     name = {frozenset({"shape"}): "quickstart", frozenset({"coloured shape"}): "dense"}.get(frozenset(kinds), "paper")
-    p = recipes.PRESETS[name]
+    p = {"quickstart": train.QUICKSTART, "dense": dense.DENSE, "paper": train.PAPER}[name]
     return name, M.ModelConfig(anchor_sizes=tuple(p["anchor_sizes"]), min_size=p["min_size"], max_size=p["max_size"],
                                size_divisible=p["size_divisible"])
 
@@ -137,24 +141,24 @@ def preset_config(data, split):
 def cmd_anchors(args):
     if args.weights:
         cfg, used = infer.load_model(args.weights).cfg, f"the checkpoint's ({args.weights})"
+        assign = W.load_loss_config(args.weights)
     else:
-        name, cfg = preset_config(args.data, args.split)
-        used = f"train.py's {name} preset, as this dataset trains by default"
+        (name, cfg), assign = preset_config(args.data, args.split), LossConfig()
+        used = f"the {name} recipe's, as this dataset trains by default"
     cfg.min_size, cfg.max_size = args.scale or cfg.min_size, args.max_size or cfg.max_size
     print(f"anchors of {cfg.anchor_sizes[0]:g}-{cfg.anchor_sizes[-1]:g} px on P3-P7, {cfg.min_size}-px images: {used}")
     ds = dataset(args.data, args.split, cfg, train_like=True, check_classes=False)
-    rows = anchor_coverage(cfg, ds, args.max_images)
-    best = np.array([r["best_iou"] for r in rows])
-    summary = {"boxes": len(rows), f"best IoU >= {cfg.fg_iou}": float((best >= cfg.fg_iou).mean()),
-               f"best IoU >= {cfg.bg_iou}": float((best >= cfg.bg_iou).mean()),
-               "only a low-quality match": float((best < cfg.fg_iou).mean()),
+    rows = anchor_coverage(cfg, ds, args.max_images, assign)
+    best, fg, bg = np.array([r["best_iou"] for r in rows]), assign.fg_iou, assign.bg_iou
+    summary = {"boxes": len(rows), f"best IoU >= {fg}": float((best >= fg).mean()),
+               f"best IoU >= {bg}": float((best >= bg).mean()), "only a low-quality match": float((best < fg).mean()),
                "positives per box": float(np.mean([r["positives"] for r in rows])),
                "boxes with no positive": int(sum(r["positives"] == 0 for r in rows))}
     edges = [0, 16, 32, 64, 128, 256, 512, 1e9]
     sizes, bottom = np.digitize([r["size"] for r in rows], edges) - 1, np.zeros(len(edges) - 1)
     names = [f"{a:g}-{b:g}" if b < 1e9 else f">{a:g}" for a, b in zip(edges, edges[1:])]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    bands = ((cfg.fg_iou, 2, "best IoU >= fg"), (cfg.bg_iou, cfg.fg_iou, "ignore band"), (0, cfg.bg_iou, "below bg"))
+    bands = ((fg, 2, "best IoU >= fg"), (bg, fg, "ignore band"), (0, bg, "below bg"))
     for lo, hi, label in bands:
         counts = np.bincount(sizes[(best >= lo) & (best < hi)], minlength=len(names))
         ax1.bar(names, counts, bottom=bottom, label=label)
@@ -218,7 +222,7 @@ def main(args):
     args.weights = args.weights or (infer.DEFAULT_WEIGHTS if args.command in ("cdf", "eval") else None)
     quick = args.command == "ablate" and args.preset == "quickstart"  # the sweep trains with the dense recipe
     args.iters = args.iters or (200 if quick else endpoint.ITERS if args.command == "endpoint" else
-                                recipes.DENSE["iters"])
+                                dense.DENSE["iters"])
     commands = dict(curves=cmd_curves, cdf=cmd_cdf, ablate=ablate.cmd_ablate, sweep=ablate.cmd_sweep,
                     endpoint=endpoint.cmd_endpoint,
                     anchors=cmd_anchors, eval=cmd_eval)

@@ -26,13 +26,15 @@ from torchvision.utils import draw_bounding_boxes
 
 import analyze
 import anchors as A
-import endpoint
 import fig4
 import infer
 import model as M
-import recipes
 import shapes
-from evaluate import category_ids
+import train
+import weights as W
+from engine import category_ids
+from loss import LossConfig
+from study import dense, endpoint
 
 MAX_PIXELS = 40_000_000  # larger uploads get a message, not a long wait
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0)  # Fig. 4's
@@ -46,19 +48,19 @@ class Explorer:
     """What the app loads once: the model (if there is one) and the dataset; the Fig. 4 cache on first use."""
 
     def __init__(self, weights, data, split=None, out="runs/analyze", device="cpu"):
-        self.model, self.device, self.weights = None, device, weights
+        self.model, self.device, self.weights, self.assign = None, device, weights, LossConfig()
         if weights != infer.DEFAULT_WEIGHTS or os.path.exists(weights):
             self.model = infer.load_model(weights, device)
-            self.cfg = self.model.cfg
+            self.cfg, self.assign = self.model.cfg, W.load_loss_config(weights)  # anchors assigned as it trained
         else:  # a fresh clone: the quick start's configuration, for Fig. 1 and the Anchors tab
-            q = recipes.QUICKSTART
+            q = train.QUICKSTART
             self.cfg = M.ModelConfig(num_classes=len(shapes.SHAPES), class_names=shapes.SHAPES, arch=q["arch"],
                                      anchor_sizes=tuple(q["anchor_sizes"]), min_size=q["min_size"],
                                      max_size=q["max_size"], size_divisible=q["size_divisible"])
-        path, make = recipes.SYNTHETIC["quickstart"]
+        path = train.QUICKSTART_DATA
         if data == path and not os.path.exists(os.path.join(path, "annotations", "instances_val.json")):
             print(f"writing the shapes set to {path} (once, under a minute) ...")
-            make(path)
+            shapes.make_shapes(path)
         self.ds = analyze.dataset(data, split, self.cfg, train_like=True, check_classes=False)
         self.mismatch = None  # the model's classes are not the dataset's: Detect and Anchors work, Fig. 4 cannot
         try:
@@ -87,7 +89,7 @@ class Explorer:
                                        det["labels"][order].tolist())]
         drawn = infer.draw(image, det, names).permute(1, 2, 0).numpy()
         note = ""
-        synthetic = set(names) <= set(shapes.SHAPES) | set(shapes.CLASSES)
+        synthetic = set(names) <= set(shapes.SHAPES) | set(dense.CLASSES)
         if synthetic and not self.is_dataset_picture(path):
             note = (f"\n\nThis model knows only the {len(names)} classes of a synthetic set ({', '.join(names[:4])}"
                     f"{', ...' if len(names) > 4 else ''}): on a photo it finds little. For photos, load "
@@ -120,7 +122,7 @@ class Explorer:
         d, bg_iou = self.cfg.size_divisible, min(bg_iou, fg_iou)
         anchors, per_level = M.make_anchors(self.cfg, [-(-s // d) * d for s in image.shape[1:]])
         matched = A.match(anchors, boxes[None], torch.ones(1, len(boxes), dtype=torch.bool), fg_iou, bg_iou,
-                          self.cfg.low_quality_matches)[0]
+                          self.assign.low_quality_matches)[0]
         level = torch.repeat_interleave(torch.arange(3, 8), torch.tensor(per_level))
         shown = torch.isin(level, torch.tensor([int(v[1]) for v in levels] or [0]))
         best = A.box_iou(boxes, anchors).max(1).values if len(boxes) else torch.zeros(0)
@@ -149,8 +151,9 @@ class Explorer:
         if self.mismatch:
             return fig1, None, f"**{self.mismatch}**", [], [], tables
         if self.logits is None:  # made once, then saved: later gammas only re-plot
-            self.logits = fig4.load_or_collect(self.model, self.ds, self.cache, self.key, progress=lambda it, total:
-                                               progress.tqdm(it, total=total, desc="running the model once"))
+            self.logits = fig4.load_or_collect(self.model, self.ds, self.cache, self.key, assign=self.assign,
+                                               progress=lambda it, total: progress.tqdm(it, total=total,
+                                                                                        desc="running the model once"))
         gammas = sorted(set(PAPER_GAMMAS) | {float(gamma)})
         fig, _, shares = fig4.fig4(self.logits, gammas, highlight=float(gamma), figsize=(12, 4.5))
         fig.suptitle(f"Fig. 4 on {self.logits['images']} images of {os.path.basename(self.ds.img_dir)}: "
@@ -231,8 +234,8 @@ def build(ex, examples):
             with gr.Row():
                 with gr.Column():
                     index = gr.Slider(0, len(ex.ds) - 1, value=0, step=1, label="dataset image")
-                    fg = gr.Slider(0.05, 0.95, value=ex.cfg.fg_iou, step=0.05, label="foreground: IoU >=")
-                    bg = gr.Slider(0.0, 0.95, value=ex.cfg.bg_iou, step=0.05, label="background: IoU <")
+                    fg = gr.Slider(0.05, 0.95, value=ex.assign.fg_iou, step=0.05, label="foreground: IoU >=")
+                    bg = gr.Slider(0.0, 0.95, value=ex.assign.bg_iou, step=0.05, label="background: IoU <")
                     levels = gr.CheckboxGroup(list(analyze.LEVELS), value=list(analyze.LEVELS), label="show anchors of")
                     upload = gr.Image(type="filepath", label="or your own image", sources=["upload"])
                     boxes = gr.Textbox(label="its boxes, one 'x1 y1 x2 y2' a line", lines=3)

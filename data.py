@@ -1,7 +1,7 @@
 """Data: COCO-format detection datasets through pycocotools, a synthetic shapes set, COCO evaluation.
 
 The paper trains on COCO trainval35k and reports COCO AP on minival / test-dev (§5). Any dataset in
-COCO format works: an instances_*.json and a folder of images; shapes.py writes synthetic sets in
+COCO format works: an instances_*.json and a folder of images; shapes.py writes a synthetic set in
 that format, so the quick start exercises exactly the code COCO uses.
 
 This file knows no model: it yields uint8 images and per-image targets, batches them (BatchStream,

@@ -14,9 +14,10 @@ class-wise NMS) stays the project's one Python code, model.detect, for either en
 have data-dependent sizes (the scores above 0.05, top-k of those), which torch.export can trace only
 as unbacked sizes, and in the graph they would be a second copy of model.postprocess to keep equal.
 
-The checkpoint's ModelConfig (classes, category ids, test scale, anchors, thresholds) goes into the
-ONNX file's metadata under "retinanet_config", so the file alone is enough: weights.load_checkpoint
-reads it back. Both files are written under a temporary name and renamed.
+The checkpoint's ModelConfig (classes, category ids, test scale, anchors) and InferenceConfig (score
+threshold, top-k, NMS) go into the ONNX file's metadata under "retinanet_config", so the file alone is
+enough: weights.load_checkpoint reads it back (and the single config of the files written before issue
+33). Both files are written under a temporary name and renamed.
 """
 import argparse
 import dataclasses
@@ -60,7 +61,7 @@ def export_program(model, path):
 
 
 def export_onnx(model, path, opset=18):
-    """The network as ONNX with the ModelConfig in its metadata (W.ONNX_CONFIG_KEY)."""
+    """The network as ONNX with its ModelConfig and InferenceConfig in its metadata (W.ONNX_CONFIG_KEY)."""
     import onnx  # only exporting needs onnx and onnxscript
 
     def write(tmp):
@@ -68,7 +69,8 @@ def export_onnx(model, path, opset=18):
                                     input_names=["images"], output_names=["cls_logits", "box_deltas"],
                                     opset_version=opset, dynamo=True, verbose=False)
         proto = program.model_proto
-        proto.metadata_props.add(key=W.ONNX_CONFIG_KEY, value=json.dumps(dataclasses.asdict(model.cfg)))
+        configs = {"config": dataclasses.asdict(model.cfg), "inference": dataclasses.asdict(model.inference)}
+        proto.metadata_props.add(key=W.ONNX_CONFIG_KEY, value=json.dumps(configs))
         proto.producer_name = "retinanet export.py"
         onnx.save(proto, tmp)
 

@@ -1,4 +1,4 @@
-"""Fig. 4 of the paper on any checkpoint (§5.1 "Analysis of the Focal Loss"), and where the loss goes.
+"""Fig. 4 of the paper on any checkpoint (§5.1 "Analysis of the Focal Loss"), and where the loss goes (§3.2).
 
 The model runs over a dataset, anchors are assigned as in training (loss.assign_targets), and the
 true-class logit z of every positive and (a uniform sample of) every negative (anchor, class) sample
@@ -19,14 +19,42 @@ from tqdm import tqdm
 
 import data as D
 import model as M
-from evaluate import model_labels
-from loss import assign_targets, focal_loss, loss_shares
+from engine import model_labels
+from loss import LossConfig, assign_targets, fused_focal_loss
+
+BANDS = (0.5, 0.9, 0.99)  # the p_t edges of the negative bands loss_shares reports
 
 
 def focal_values(z, gamma, alpha=None):
-    """FL of samples whose true-class logit is z (p_t = sigmoid(z)), by loss.py's focal_loss."""
+    """FL of samples whose true-class logit is z (p_t = sigmoid(z)), by loss.py's fused_focal_loss: training's
+    values, accurate where 1 - p_t is tiny (the plain form's 1 - sigmoid(z) rounds there)."""
     z = torch.as_tensor(z, dtype=torch.float32)
-    return focal_loss(z, torch.ones_like(z), alpha=alpha, gamma=gamma, reduction="none").numpy()
+    return fused_focal_loss(z, torch.ones_like(z), alpha=alpha, gamma=gamma).numpy()
+
+
+def loss_shares(z_pos, z_neg, gamma, alpha=None, neg_weight=1.0, edges=BANDS):
+    """Where FL and its gradient go (§3.2's argument, measured): the share of the classification loss and
+    of Σ|∂FL/∂z| carried by the positive samples and by the negatives in each band of p_t = sigmoid(z),
+    z each sample's true-class logit (x for a positive, -x for a negative). neg_weight: how many
+    negatives each given one stands for (a uniform sample). Returns {"loss": {band: share}, "grad": ...}."""
+    out = {}
+    for name, z, t in (("pos", z_pos, 1.0), ("neg", z_neg, 0.0)):
+        x = (torch.as_tensor(z, dtype=torch.float64).flatten() * (1 if t else -1)).requires_grad_()  # the logit
+        loss = fused_focal_loss(x, torch.full_like(x, t), alpha, float(gamma))
+        loss.sum().backward()  # each sample's own gradient: the loss is a sum over samples
+        out[name] = (x.detach() * (1 if t else -1), loss.detach(), x.grad.abs())
+    z, loss, grad = out["neg"]
+    p_t = torch.sigmoid(z)
+    names = [f"negatives p_t <= {edges[0]:g}"] + [f"negatives {a:g} < p_t <= {b:g}" for a, b in zip(edges, edges[1:])]
+    masks = [p_t <= edges[0]] + [(p_t > a) & (p_t <= b) for a, b in zip(edges, edges[1:])]
+    names, masks = names + [f"negatives p_t > {edges[-1]:g}"], masks + [p_t > edges[-1]]
+    shares = {}
+    for key, values in (("loss", loss), ("grad", grad)):
+        parts = {"positives": out["pos"][1 if key == "loss" else 2].sum().item()}
+        parts.update({n: neg_weight * values[m].sum().item() for n, m in zip(names, masks)})
+        total = sum(parts.values()) or 1.0
+        shares[key] = {n: v / total for n, v in parts.items()}
+    return shares
 
 
 class UniformSample:
@@ -56,15 +84,16 @@ class UniformSample:
 
 
 @torch.inference_mode()
-def collect_logits(model, ds, batch_size=8, max_images=None, max_negatives=10**7, progress=tqdm):
-    """Run the model over ds and assign anchors as training does. Returns the true-class logit z of
+def collect_logits(model, ds, batch_size=8, max_images=None, max_negatives=10**7, progress=tqdm, assign=None):
+    """Run the model over ds and assign anchors as training does (assign: the LossConfig of its IoU thresholds,
+    default the paper's; weights.load_loss_config gives a checkpoint's). Returns the true-class logit z of
     every positive and every negative (anchor, class) sample outside the ignore band (p_t =
     sigmoid(z)), each sorted from easy to hard: FL decreases with z for every gamma >= 0, so this
     one order serves every gamma. Images are batched only with images of their padded size (as detect
     does) and only their own anchors count (centre inside the image, not over padding), so the result
     does not depend on batch_size. Beyond max_negatives,
     the negatives are a uniform sample (as Fig. 4's); "neg_weight" is how many each stands for."""
-    cfg, device = model.cfg, M.model_device(model)
+    cfg, device, assign = model.cfg, M.model_device(model), assign or LossConfig()
     count = len(ds) if max_images is None else min(len(ds), max_images)
     if count == 0:
         raise ValueError("the dataset has no images")
@@ -82,7 +111,7 @@ def collect_logits(model, ds, batch_size=8, max_images=None, max_negatives=10**7
             anchors, _ = M.make_anchors(cfg, images.shape[-2:], device)
             _, _, onehot, keep = assign_targets(anchors, [t["boxes"].to(device) for t in targets],
                                                 [to_model[t["labels"].to(device)] for t in targets], cfg.num_classes,
-                                                cfg.fg_iou, cfg.bg_iou, cfg.low_quality_matches)
+                                                assign.fg_iou, assign.bg_iou, assign.low_quality_matches)
             cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
             inside = torch.stack([(cx < w) & (cy < h) for h, w in (t["size"] for t in targets)])  # (N, R)
             onehot, keep = onehot.bool(), (keep & inside).unsqueeze(-1)
@@ -135,7 +164,7 @@ def where_the_loss_goes(run, gammas, alpha=None):
 
 
 def easy_share(shares, edge=0.9):
-    """The part of a loss_shares split carried by the negatives with p_t above edge (one of loss.BANDS)."""
+    """The part of a loss_shares split carried by the negatives with p_t above edge (one of BANDS)."""
     def lower(band):  # "negatives 0.9 < p_t <= 0.99" -> 0.9, "negatives p_t > 0.99" -> 0.99, else None
         words = band.split()
         return float(words[1]) if words[2:3] == ["<"] else float(words[-1]) if ">" in words else None

@@ -9,15 +9,149 @@ The training loss sums FL over all anchors that are not ignored (~100k per image
 subset: §3.2 / §4 "Training") and smooth L1 over the foreground anchors, and divides both by the
 number of foreground anchors, as Detectron does. Everything here takes tensors: no model.
 
+Reading order: `focal_loss` (Eq. 5 as written), `LossConfig` and `retinanet_loss` (the loss training
+minimises), the anchors' targets and the box loss; then `fused_focal_loss`, the same values and
+gradients computed faster on a CPU, which retinanet_loss uses; then OHEM (Table 1d's baseline)
+and `monitor`, what train.py logs of the classifier.
+
 Shape legend: N images, R anchors, K classes, M boxes per image.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss, nms
 
 import anchors as A
+
+
+def focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="sum"):
+    """Sigmoid focal loss (§3.2, Eq. 5), written as the paper writes it. targets: 0/1, the shape of logits.
+    reduction: none|mean|sum. (Its gradient is NaN where 1 - p_t rounds to 0 and gamma < 1; fused_focal_loss's
+    is not.)"""
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # -log(p_t), Eq. 1-2
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma  # (1 - p_t)^gamma: the modulating factor, Eq. 4
+    if alpha is not None:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss  # alpha_t, Eq. 3 and 5
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+@dataclass
+class LossConfig:
+    """The settings of retinanet_loss (§3, §4 "Training"), saved in checkpoints beside the ModelConfig."""
+
+    fg_iou: float = 0.5  # §4: an anchor of IoU >= 0.5 with a box is foreground,
+    bg_iou: float = 0.4  # below 0.4 background, ignored in between
+    low_quality_matches: bool = True  # each box also claims its best anchors (detectron2, torchvision)
+    alpha: float | None = 0.25  # §3.2, Table 1b: alpha = .25 with gamma = 2; None: no weighting
+    gamma: float = 2.0
+    box_loss: str = "smooth_l1"  # paper (beta 0.11); "l1" torchvision v1 / detectron2; "giou" torchvision v2
+    smooth_l1_beta: float = 0.11
+    ohem_ratio: float = 0.0  # > 0: OHEM instead of FL over all anchors (Table 1d's baseline); inf: no ratio
+
+
+def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=None, reduce_num_fg=None):
+    """Classification and box losses of a batch, each divided by max(1, foreground anchors).
+
+    cls_logits (N, R, K) and box_deltas (N, R, 4) as the model returns them; anchors (R, 4);
+    gt_boxes / gt_labels: per-image lists of (M_i, 4) xyxy boxes and (M_i,) labels in [0, K).
+    cfg: a LossConfig (default: the paper's). An image with no boxes contributes only background loss.
+    cfg.ohem_ratio > 0 replaces "all anchors" by online hard example mining (Table 1d, ohem_select; the
+    box loss stays on every foreground anchor, and the divisor is the same). reduce_num_fg, if given,
+    maps the local foreground count to the one to divide by (train.py all-reduces it across GPUs).
+    Both losses are computed in float32, also under autocast. Returns {"cls", "box", "monitor"}: the
+    monitor is for the log only (as DETR's criterion returns its class error).
+    """
+    cfg, (N, _, K) = cfg or LossConfig(), cls_logits.shape
+    if len(gt_boxes) != N:
+        raise ValueError(f"got targets for {len(gt_boxes)} images for a batch of {N}")
+    matched, boxes, targets, keep = assign_targets(anchors, gt_boxes, gt_labels, K, cfg.fg_iou, cfg.bg_iou,
+                                                   cfg.low_quality_matches)
+    fg = matched >= 0
+    num_fg = fg.sum().float()
+    if reduce_num_fg is not None:
+        num_fg = reduce_num_fg(num_fg)
+    normalizer = num_fg.clamp(min=1.0)
+
+    # Classification: FL summed over every anchor outside the ignore band, ~100k an image (§3.2).
+    cls = fused_focal_loss(cls_logits.float(), targets, cfg.alpha, cfg.gamma, ignore=~keep)  # (N, R, K)
+    if cfg.ohem_ratio:  # OHEM baseline (§5.1, Table 1d): a minibatch of the hardest examples of each image
+        cls = cls * ohem_select(cls.detach().sum(-1), fg, keep, anchors, cfg.ohem_ratio).unsqueeze(-1)
+    cls = cls.sum()
+
+    # Box regression on foreground anchors only.
+    n_idx, r_idx = fg.nonzero(as_tuple=True)  # F foreground anchors over the batch
+    matched_boxes = boxes[n_idx, matched[n_idx, r_idx]]  # (F, 4)
+    box = box_loss(cfg.box_loss, box_deltas[n_idx, r_idx].float(), anchors[r_idx], matched_boxes, cfg.smooth_l1_beta)
+    return {"cls": cls / normalizer, "box": box / normalizer, "monitor": monitor(cls_logits, targets, keep)}
+
+
+def assign_targets(anchors, gt_boxes, gt_labels, num_classes, fg_iou=0.5, bg_iou=0.4, low_quality=True):
+    """What training asks of every anchor (§4 "Training"), for a batch; analyze.py uses it too.
+
+    Returns matched (N, R) (box index, BACKGROUND or IGNORE), the padded boxes (N, M, 4), one-hot
+    class targets (N, R, K) (all zeros for background) and keep (N, R), False in the ignore band.
+    """
+    N = len(gt_boxes)
+    if len(gt_labels) != N:
+        raise ValueError(f"got {N} box sets and {len(gt_labels)} label sets")
+    boxes, labels, valid = A.pad_targets(gt_boxes, gt_labels)  # (N, M, 4), (N, M), (N, M)
+    check_targets(boxes, labels, valid, num_classes)
+    matched = A.match(anchors, boxes, valid, fg_iou, bg_iou, low_quality)  # (N, R)
+    n_idx, r_idx = (matched >= 0).nonzero(as_tuple=True)
+    targets = torch.zeros(*matched.shape, num_classes, device=anchors.device)  # (N, R, K), float: no one-hot copy
+    targets[n_idx, r_idx, labels[n_idx, matched[n_idx, r_idx]]] = 1.0
+    return matched, boxes, targets, matched != A.IGNORE
+
+
+def check_targets(boxes, labels, valid, num_classes):
+    """ValueError naming the first bad box of a padded batch: NaN/inf, x2 < x1, y2 < y1, bad label."""
+    finite = torch.isfinite(boxes).all(dim=-1)
+    problems = {
+        "is not finite": ~finite,
+        "has x2 < x1": boxes[..., 2] < boxes[..., 0],
+        "has y2 < y1": boxes[..., 3] < boxes[..., 1],
+        f"has a label outside [0, {num_classes})": (labels < 0) | (labels >= num_classes),
+    }
+    for what, bad in problems.items():
+        bad = bad & valid
+        if bad.any():
+            n, j = bad.nonzero()[0].tolist()
+            shown = labels[n, j].item() if "label" in what else boxes[n, j].tolist()
+            raise ValueError(f"image {n}, box {j} {what}: {shown}")
+
+
+def box_loss(kind, deltas, anchors, boxes, beta=0.11):
+    """Summed box loss of F foreground anchors: deltas, anchors, boxes (F, 4).
+
+    smooth_l1 on the (dx, dy, dw, dh) targets is the paper's (Detectron's beta = 0.11); l1 is
+    torchvision v1's and detectron2's; giou compares decoded boxes, as torchvision v2 does.
+    """
+    if kind == "giou":
+        return generalized_box_iou_loss(A.decode(anchors, deltas), boxes, reduction="sum", eps=1e-7)
+    targets = A.encode(anchors, boxes)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")
+    if kind == "l1":
+        return F.l1_loss(deltas, targets, reduction="sum")
+    raise ValueError(f"box loss must be 'smooth_l1', 'l1' or 'giou', got {kind!r}")
+
+
+# The CPU optimisation of focal_loss: the same values and gradients (tests/test_loss.py), several times faster
+# on a CPU (tools/bench.py's focal loss row, docs/performance.md) and with one saved tensor instead of autograd's
+# half dozen: the gradient is computed in closed form in the same sweep as the loss, chunk by cache-sized chunk,
+# and the backward pass is one multiplication. It is also finite and accurate where 1 - p_t rounds to 0.
 
 
 def _focal_chunk(x, t, alpha, gamma, loss, grad):
@@ -48,7 +182,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         x, t = logits.contiguous().view(-1), targets.contiguous().view(-1)
         loss = torch.empty_like(x)
         grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        chunk = A.elements_per_pass(x.device)  # cache-sized on a CPU (4x faster than whole tensors)
+        chunk = A.elements_per_pass(x.device)  # cache-sized on a CPU: faster than whole tensors
         for s in range(0, x.numel(), chunk):
             _focal_chunk(x[s:s + chunk], t[s:s + chunk], alpha, gamma, loss[s:s + chunk],
                          None if grad is None else grad[s:s + chunk])
@@ -68,34 +202,12 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         return grad_out * grad, None, None, None, None
 
 
-def focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="sum"):
-    """Sigmoid focal loss (§3.2, Eq. 5). targets: 0/1, the shape of logits. reduction: none|mean|sum."""
+def fused_focal_loss(logits, targets, alpha=0.25, gamma=2.0, ignore=None):
+    """focal_loss(..., reduction="none"), fused: elementwise FL of logits (any shape) against 0/1 targets of its
+    shape, zero where `ignore` (a bool mask of logits' leading dimensions) is True; finite for any logit."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    loss = _SigmoidFocalLoss.apply(logits, targets.to(logits.dtype), alpha, float(gamma))
-    if reduction == "none":
-        return loss
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-
-
-def box_loss(kind, deltas, anchors, boxes, beta=0.11):
-    """Summed box loss of F foreground anchors: deltas, anchors, boxes (F, 4).
-
-    smooth_l1 on the (dx, dy, dw, dh) targets is the paper's (Detectron's beta = 0.11); l1 is
-    torchvision v1's and detectron2's; giou compares decoded boxes, as torchvision v2 does.
-    """
-    if kind == "giou":
-        return generalized_box_iou_loss(A.decode(anchors, deltas), boxes, reduction="sum", eps=1e-7)
-    targets = A.encode(anchors, boxes)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")
-    if kind == "l1":
-        return F.l1_loss(deltas, targets, reduction="sum")
-    raise ValueError(f"box loss must be 'smooth_l1', 'l1' or 'giou', got {kind!r}")
+    return _SigmoidFocalLoss.apply(logits, targets.to(logits.dtype), alpha, float(gamma), ignore)
 
 
 OHEM_BATCH, OHEM_NMS = 128, 0.5  # Table 1d's OHEM rows: 128 examples an image, NMS at 0.5
@@ -118,129 +230,6 @@ def ohem_select(hardness, fg, keep, anchors, ratio=3, batch=OHEM_BATCH, nms_thre
         neg = survivors[~fg[n, survivors]][: min(batch - len(pos), int(ratio * max(1, len(pos))))]
         chosen[n, pos], chosen[n, neg] = True, True
     return chosen
-
-
-BANDS = (0.5, 0.9, 0.99)  # the p_t edges of the negative bands loss_shares reports
-
-
-def loss_shares(z_pos, z_neg, gamma, alpha=None, neg_weight=1.0, edges=BANDS):
-    """Where FL and its gradient go (§3.2's argument, measured): the share of the classification loss and
-    of Σ|∂FL/∂z| carried by the positive samples and by the negatives in each band of p_t = sigmoid(z),
-    z each sample's true-class logit (x for a positive, -x for a negative). neg_weight: how many
-    negatives each given one stands for (a uniform sample). Returns {"loss": {band: share}, "grad": ...}."""
-    out = {}
-    for name, z, t in (("pos", z_pos, 1.0), ("neg", z_neg, 0.0)):
-        x = torch.as_tensor(z, dtype=torch.float64).flatten() * (1 if t else -1)  # back to the logit
-        loss, grad = torch.empty_like(x), torch.empty_like(x)
-        _focal_chunk(x, torch.full_like(x, t), alpha, float(gamma), loss, grad)
-        out[name] = (x * (1 if t else -1), loss, grad.abs())
-    z, loss, grad = out["neg"]
-    p_t = torch.sigmoid(z)
-    names = [f"negatives p_t <= {edges[0]:g}"] + [f"negatives {a:g} < p_t <= {b:g}" for a, b in zip(edges, edges[1:])]
-    masks = [p_t <= edges[0]] + [(p_t > a) & (p_t <= b) for a, b in zip(edges, edges[1:])]
-    names, masks = names + [f"negatives p_t > {edges[-1]:g}"], masks + [p_t > edges[-1]]
-    shares = {}
-    for key, values in (("loss", loss), ("grad", grad)):
-        parts = {"positives": out["pos"][1 if key == "loss" else 2].sum().item()}
-        parts.update({n: neg_weight * values[m].sum().item() for n, m in zip(names, masks)})
-        total = sum(parts.values()) or 1.0
-        shares[key] = {n: v / total for n, v in parts.items()}
-    return shares
-
-
-def pull_at_prior(gamma, alpha, negatives_per_positive, prior=0.01):
-    """How much harder the negatives pull every score down than the positives pull theirs up at the start
-    of training (§3.3): Σ|∂FL/∂z| over a positive's negative samples over its own, all at the prior π."""
-    x = torch.tensor([-math.log((1 - prior) / prior)], dtype=torch.float64)  # the prior's logit (§3.3)
-    grads = []
-    for t in (1.0, 0.0):
-        loss, grad = torch.empty_like(x), torch.empty_like(x)
-        _focal_chunk(x, torch.full_like(x, t), alpha, float(gamma), loss, grad)
-        grads.append(grad.abs().item())
-    return negatives_per_positive * grads[1] / grads[0]
-
-
-@torch.no_grad()
-def batch_shares(cls_logits, anchors, gt_boxes, gt_labels, fg_iou=0.5, bg_iou=0.4):
-    """loss_shares of a training batch's samples outside the ignore band, under CE and under FL (γ = 2,
-    α = .25), whatever loss trains it: where each loss would put the weight, logged during training."""
-    _, _, targets, keep = assign_targets(anchors, gt_boxes, gt_labels, cls_logits.shape[-1], fg_iou, bg_iou)
-    x, targets, keep = cls_logits.float(), targets.bool(), keep.unsqueeze(-1)
-    z_pos, z_neg = x[targets & keep], -x[~targets & keep]
-    return {"CE": loss_shares(z_pos, z_neg, 0.0), "FL": loss_shares(z_pos, z_neg, 2.0, 0.25)}
-
-
-def check_targets(boxes, labels, valid, num_classes):
-    """ValueError naming the first bad box of a padded batch: NaN/inf, x2 < x1, y2 < y1, bad label."""
-    finite = torch.isfinite(boxes).all(dim=-1)
-    problems = {
-        "is not finite": ~finite,
-        "has x2 < x1": boxes[..., 2] < boxes[..., 0],
-        "has y2 < y1": boxes[..., 3] < boxes[..., 1],
-        f"has a label outside [0, {num_classes})": (labels < 0) | (labels >= num_classes),
-    }
-    for what, bad in problems.items():
-        bad = bad & valid
-        if bad.any():
-            n, j = bad.nonzero()[0].tolist()
-            shown = labels[n, j].item() if "label" in what else boxes[n, j].tolist()
-            raise ValueError(f"image {n}, box {j} {what}: {shown}")
-
-
-def assign_targets(anchors, gt_boxes, gt_labels, num_classes, fg_iou=0.5, bg_iou=0.4, low_quality=True):
-    """What training asks of every anchor (§4 "Training"), for a batch; analyze.py uses it too.
-
-    Returns matched (N, R) (box index, BACKGROUND or IGNORE), the padded boxes (N, M, 4), one-hot
-    class targets (N, R, K) (all zeros for background) and keep (N, R), False in the ignore band.
-    """
-    N = len(gt_boxes)
-    if len(gt_labels) != N:
-        raise ValueError(f"got {N} box sets and {len(gt_labels)} label sets")
-    boxes, labels, valid = A.pad_targets(gt_boxes, gt_labels)  # (N, M, 4), (N, M), (N, M)
-    check_targets(boxes, labels, valid, num_classes)
-    matched = A.match(anchors, boxes, valid, fg_iou, bg_iou, low_quality)  # (N, R)
-    n_idx, r_idx = (matched >= 0).nonzero(as_tuple=True)
-    targets = torch.zeros(*matched.shape, num_classes, device=anchors.device)  # (N, R, K), float: no one-hot copy
-    targets[n_idx, r_idx, labels[n_idx, matched[n_idx, r_idx]]] = 1.0
-    return matched, boxes, targets, matched != A.IGNORE
-
-
-def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, *, alpha=0.25, gamma=2.0,
-                   box_loss_type="smooth_l1", beta=0.11, fg_iou=0.5, bg_iou=0.4, low_quality=True,
-                   ohem_ratio=0, reduce_num_fg=None):
-    """Classification and box losses of a batch, each divided by max(1, foreground anchors).
-
-    cls_logits (N, R, K) and box_deltas (N, R, 4) as the model returns them; anchors (R, 4);
-    gt_boxes / gt_labels: per-image lists of (M_i, 4) xyxy boxes and (M_i,) labels in [0, K).
-    An image with no boxes contributes only background loss. ohem_ratio > 0 replaces "all anchors"
-    by online hard example mining (Table 1d, ohem_select; the box loss stays on every foreground
-    anchor, and the divisor is the same). reduce_num_fg, if given, maps the local foreground
-    count to the one to divide by (train.py all-reduces it across GPUs).
-    Both losses are computed in float32, also under autocast.
-    """
-    N, _, K = cls_logits.shape
-    if len(gt_boxes) != N:
-        raise ValueError(f"got targets for {len(gt_boxes)} images for a batch of {N}")
-    matched, boxes, targets, keep = assign_targets(anchors, gt_boxes, gt_labels, K, fg_iou, bg_iou, low_quality)
-    fg = matched >= 0
-    num_fg = fg.sum().float()
-    if reduce_num_fg is not None:
-        num_fg = reduce_num_fg(num_fg)
-    normalizer = num_fg.clamp(min=1.0)
-
-    # Classification: FL summed over every anchor outside the ignore band, ~100k an image (§3.2).
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    cls = _SigmoidFocalLoss.apply(cls_logits.float(), targets, alpha, float(gamma), ~keep)  # (N, R, K)
-    if ohem_ratio:  # OHEM baseline (§5.1, Table 1d): a minibatch of the hardest examples of each image
-        cls = cls * ohem_select(cls.detach().sum(-1), fg, keep, anchors, ohem_ratio).unsqueeze(-1)
-    cls = cls.sum()
-
-    # Box regression on foreground anchors only.
-    n_idx, r_idx = fg.nonzero(as_tuple=True)  # F foreground anchors over the batch
-    matched_boxes = boxes[n_idx, matched[n_idx, r_idx]]  # (F, 4)
-    box = box_loss(box_loss_type, box_deltas[n_idx, r_idx].float(), anchors[r_idx], matched_boxes, beta)
-    return {"cls": cls / normalizer, "box": box / normalizer, "monitor": monitor(cls_logits, targets, keep)}
 
 
 MONITOR = ("pos_logit", "neg_logit", "scored_above_0.05")  # what train.py logs of the classifier

@@ -4,13 +4,14 @@ and its inference (§4 "Inference").
 `RetinaNet(cfg).forward(images)` maps a normalised, padded batch (N, 3, H, W) to raw outputs
 (cls_logits (N, R, K), box_deltas (N, R, 4)), the same in train and eval mode. Everything else is a
 plain function beside it: `preprocess` (resize_image, normalise, pad), `make_anchors`, `postprocess`
-(threshold, top-k, decode, NMS), `detect` (all of it for a list of images). Losses live in loss.py;
-loading a checkpoint, this project's, torchvision's or an exported ONNX file, in weights.py.
+(threshold, top-k, decode, NMS, with its own InferenceConfig), `detect` (all of it for a list of
+images). Losses live in loss.py; loading a checkpoint, this project's, torchvision's or an exported
+ONNX file, in weights.py.
 
 Shape legend: N images, R anchors, K classes, M boxes, A anchors per location (9).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from heads import Head
 
 @dataclass
 class ModelConfig:
-    """Every hyperparameter of the detector; saved in checkpoints so that a model rebuilds from it."""
+    """The network's hyperparameters (nanoGPT's model_args), saved in checkpoints so that a model rebuilds from
+    them; the loss's settings are loss.LossConfig, inference's InferenceConfig below."""
 
     num_classes: int = 80
     class_names: tuple = ()  # label -> name, for infer.py and app.py
@@ -47,38 +49,18 @@ class ModelConfig:
     anchor_ratios: tuple = A.RATIOS
     anchor_offset: float = 0.0
     round_anchors: bool = False  # torchvision's integer anchors (from_torchvision turns it on)
-    # training targets and loss (§3, §4 "Training")
-    fg_iou: float = 0.5
-    bg_iou: float = 0.4
-    low_quality_matches: bool = True
-    alpha: float | None = 0.25
-    gamma: float = 2.0
-    box_loss: str = "smooth_l1"  # paper (beta 0.11); "l1" torchvision v1 / detectron2; "giou" torchvision v2
-    smooth_l1_beta: float = 0.11
-    ohem_ratio: float = 0.0  # > 0: OHEM instead of FL over all anchors (the Table 1d baseline)
     # input (torchvision's ImageNet normalisation, RGB in [0, 1]; Detectron used BGR Caffe2 weights)
     min_size: int = 800
     max_size: int = 1333
     # Detectron pads to P7's stride, 128; ceil-sized grids (anchors.py) fit any size and the top-down 2x
-    # upsampling needs only P5's 32, as torchvision pads: on COCO at 800 px, 128 cost 18% more pixels.
+    # upsampling needs only P5's 32, as torchvision pads (docs/departures.md).
     size_divisible: int = 32
     pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)
-    # inference (§4 "Inference")
-    score_thresh: float = 0.05
-    topk_candidates: int = 1000  # per level
-    nms_thresh: float = 0.5
-    max_detections: int = 100
 
     @property
     def num_anchors(self):
         return len(self.anchor_scales) * len(self.anchor_ratios)
-
-    def loss_args(self):
-        """The keyword arguments of loss.retinanet_loss that this config sets."""
-        return dict(alpha=self.alpha, gamma=self.gamma, box_loss_type=self.box_loss, beta=self.smooth_l1_beta,
-                    fg_iou=self.fg_iou, bg_iou=self.bg_iou, low_quality=self.low_quality_matches,
-                    ohem_ratio=self.ohem_ratio)
 
     @classmethod
     def from_dict(cls, d):
@@ -86,14 +68,25 @@ class ModelConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+@dataclass
+class InferenceConfig:
+    """The settings of postprocess (§4 "Inference"), saved in checkpoints; a model carries them as `inference`,
+    as torchvision's RetinaNet carries its score_thresh and nms_thresh."""
+
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per level
+    nms_thresh: float = 0.5
+    max_detections: int = 100
+
+
 class RetinaNet(nn.Module):
     """forward(images (N, 3, H, W)) -> (cls_logits (N, R, K), box_deltas (N, R, 4))."""
 
-    def __init__(self, cfg: ModelConfig, backbone_weights=None):
+    def __init__(self, cfg: ModelConfig, backbone_weights=None, inference=None):
         super().__init__()
         if len(cfg.anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes: one size for each of P3-P7, got {cfg.anchor_sizes}")
-        self.cfg = cfg
+        self.cfg, self.inference = cfg, inference or InferenceConfig()
         self.backbone = Backbone(cfg.arch, cfg.norm, cfg.freeze_at, backbone_weights, cfg.frozen_bn_eps)
         self.fpn = FPN(self.backbone.out_channels, cfg.channels, cfg.p6_from)
         self.cls_head = Head(cfg.channels, cfg.num_classes, cfg.num_anchors, cfg.num_convs, cfg.head_norm, cfg.prior)
@@ -108,7 +101,8 @@ class RetinaNet(nn.Module):
         return self.cls_head(features), self.box_head(features)
 
     def for_inference(self):
-        """Batch norm folded into the convs, channels-last weights: ~20% faster on a CPU; for detection only."""
+        """Batch norm folded into the convs, channels-last weights: faster on a CPU (docs/performance.md); for
+        detection only."""
         fold_batch_norm(self.backbone)
         return self.to(memory_format=torch.channels_last).eval()
 
@@ -158,18 +152,19 @@ def make_anchors(cfg, image_size, device=None):
     return anchors, per_level
 
 
-def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, original_sizes=None, score_thresh=0.05,
-                topk_candidates=1000, nms_thresh=0.5, max_detections=100):
-    """Raw outputs -> detections per image (§4 "Inference").
+def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, original_sizes=None, cfg=None):
+    """Raw outputs -> detections per image (§4 "Inference"), with cfg's settings (an InferenceConfig,
+    default the paper's).
 
-    Per level: keep scores > score_thresh, at most topk_candidates over anchor x class, decode and
-    clip to the image. Then class-wise NMS at nms_thresh and the best max_detections. Boxes come
-    back in original_sizes coordinates (or those of image_sizes when it is None).
+    Per level: keep scores > cfg.score_thresh, at most cfg.topk_candidates over anchor x class, decode
+    and clip to the image. Then class-wise NMS at cfg.nms_thresh and the best cfg.max_detections. Boxes
+    come back in original_sizes coordinates (or those of image_sizes when it is None).
     Returns a list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)}.
     """
-    if not 0 <= score_thresh <= 1:
-        raise ValueError(f"score threshold must be in [0, 1], got {score_thresh}")
-    K, t = cls_logits.shape[-1], score_thresh
+    cfg = cfg or InferenceConfig()
+    if not 0 <= cfg.score_thresh <= 1:
+        raise ValueError(f"score threshold must be in [0, 1], got {cfg.score_thresh}")
+    K, t = cls_logits.shape[-1], cfg.score_thresh
     # score > t  <=>  logit > log(t / (1 - t)): the threshold costs no sigmoid over all R x K scores
     logit_thresh = -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
     results = []
@@ -179,29 +174,20 @@ def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, origina
                                        anchors.split(per_level)):
             flat = logits.flatten()  # (R_l, K) -> (R_l * K,)
             idx = (flat > logit_thresh).nonzero().squeeze(1)
-            s, order = flat[idx].sigmoid().topk(min(topk_candidates, idx.numel()))
+            s, order = flat[idx].sigmoid().topk(min(cfg.topk_candidates, idx.numel()))
             idx = idx[order]
             a = idx // K  # anchor index within the level
             boxes.append(clip_boxes_to_image(A.decode(anc[a], deltas[a]), size))
             scores.append(s)
             labels.append(idx % K)
         boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.max_detections]
         boxes = boxes[keep]
         if original_sizes is not None:  # back to the input image's pixels
             (h0, w0), (h, w) = original_sizes[n], size
             boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], device=boxes.device)
         results.append({"boxes": boxes, "scores": scores[keep], "labels": labels[keep]})
     return results
-
-
-def channels_last(layout, device):
-    """The memory layout of training, by --layout or, for auto, by the device: cuDNN's float16 convolutions
-    prefer channels-last, and so does oneDNN on a CPU with AVX-512 (the quick start's iteration 1.19x faster);
-    with AVX2 only, oneDNN's channels-last 3x3 backward was 1.7x slower, so NCHW (docs/performance.md)."""
-    if layout != "auto":
-        return layout == "nhwc"
-    return device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def model_device(model):
@@ -212,12 +198,14 @@ def model_device(model):
 
 @torch.inference_mode()
 def detect(model, images, score_thresh=None):
-    """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates.
+    """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates, with the
+    model's InferenceConfig (its score threshold replaced by score_thresh, when given).
 
     Each image is padded on its own and batched only with images of the same padded size: no pixel
     is spent on another image's padding, and an image's detections never depend on its companions.
     """
     cfg, device, was_training = model.cfg, model_device(model), model.training
+    settings = model.inference if score_thresh is None else replace(model.inference, score_thresh=score_thresh)
     model.eval()
     singles = [preprocess([img.to(device)], cfg) for img in images]  # [((1, 3, H, W), [(h, w)])]
     groups = {}
@@ -228,9 +216,7 @@ def detect(model, images, score_thresh=None):
         cls_logits, box_deltas = model(torch.cat([singles[i][0] for i in members]))
         anchors, per_level = make_anchors(cfg, shape, device)
         detections = postprocess(cls_logits, box_deltas, anchors, per_level, [singles[i][1][0] for i in members],
-                                 [images[i].shape[-2:] for i in members],
-                                 cfg.score_thresh if score_thresh is None else score_thresh, cfg.topk_candidates,
-                                 cfg.nms_thresh, cfg.max_detections)
+                                 [images[i].shape[-2:] for i in members], settings)
         for i, det in zip(members, detections):
             results[i] = det
     model.train(was_training)

@@ -7,90 +7,153 @@
     python train.py --data /path/to/coco --eval-only --weights runs/retinanet/checkpoint.pt
     python train.py --resume --out runs/quickstart                # continue an interrupted run
 
-With --data the defaults are the paper's: ResNet-50 with ImageNet weights and frozen BN, SGD with
-momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
+With --data the defaults are the paper's (PAPER below): ResNet-50 with ImageNet weights and frozen BN,
+SGD with momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
 500 warmup iterations, LR x0.1 at 60k and 80k of 90k iterations, 800-px images, flips. Without it
-they are the quick start's: the shapes set (generated if missing), ResNet-18 from scratch with
-trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images, 500 iterations (recipes.py).
+they are the quick start's (QUICKSTART): the shapes set (written if missing), ResNet-18 from scratch
+with trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images, 500 iterations.
+
+main() sets up (the process, the data, the model, the loss's settings, the optimizer) and calls
+engine.train, the loop (DETR's main.py and engine.py).
 """
 import argparse
 import bisect
 import json
-import math
 import os
-import time
 from functools import partial
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import backbone as B
-import checkpoint as C
 import data as D
 import model as M
-import pretrain
+import shapes
 import weights as W
-from evaluate import category_ids, evaluate
-from loss import MONITOR, batch_shares, retinanet_loss
-from recipes import PAPER, PRESETS, QUICKSTART, SYNTHETIC
+from engine import category_ids, evaluate, keep_metrics_until, print0, train
+from loss import LossConfig
+
+# The recipes --preset chooses from, each spelled out key by key rather than derived from the other, so that
+# changing one (a faster quick start) never changes the other. Any flag overrides its preset's value.
+# §4.1: ResNet-50 with ImageNet weights, SGD, LR 0.01 for 16 images, 500 warmup iterations, LR x0.1 at 60k
+# and 80k of 90k iterations, 800-px images (shorter side)
+PAPER = dict(arch="resnet50", norm="frozen", freeze_at=2, backbone_weights="imagenet", channels=256, head_norm=None,
+             anchor_sizes=[32, 64, 128, 256, 512], min_size=800, max_size=1333, batch_size=16, lr=0.01, iters=90000,
+             steps=[60000, 80000], warmup_iters=500, ckpt_every=2000, workers=4, train_split="train2017",
+             val_split="val2017", out="runs/retinanet", size_divisible=32)  # see ModelConfig.size_divisible
+# From scratch on a CPU: ResNet-18 with trainable BN, 64-channel FPN and GroupNorm heads, 160-px shapes
+# (its time and AP against other schedules: docs/performance.md)
+QUICKSTART = dict(arch="resnet18", norm="bn", freeze_at=0, backbone_weights="none", channels=64, head_norm="gn",
+                  anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=500,
+                  steps=[375, 450], warmup_iters=50, ckpt_every=250, workers=1, train_split="train",
+                  val_split="val", out="runs/quickstart", size_divisible=32)
+PRESETS = {"paper": PAPER, "quickstart": QUICKSTART}
+QUICKSTART_DATA = "data/shapes"  # the quick start's set, written by shapes.make_shapes when missing
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+
+    def preset(key):  # the help of a flag whose default comes from --preset
+        return f"default: {PAPER[key]} with --data (paper), {QUICKSTART[key]} without (quick start)"
+
+    # what to train on
     a("--data", help="COCO-format root (annotations/instances_{split}.json, {split}/); none: the shapes quick start")
-    a("--preset", choices=list(PRESETS), help="defaults of the flags below: paper (with --data), quickstart "
-      "(without), dense (the dense set, data/dense)")
-    a("--train-ann"), a("--train-images"), a("--val-ann"), a("--val-images")  # custom layouts
-    for key, paper in PAPER.items():  # default: the paper's value with --data, the quick start's without
-        value = QUICKSTART[key] if paper is None else paper
-        kind = type(value[0]) if isinstance(value, list) else type(value)
-        a("--" + key.replace("_", "-"), type=kind, nargs="+" if isinstance(value, list) else None,
-          help=f"default: {paper} (--data), {QUICKSTART[key]} (quick start)")
-    a("--schedule", type=float, default=1.0, help="multiplies --iters, --steps (1x = 90k iterations)")
-    a("--scales", type=int, nargs="+", help="multi-scale training: shorter sides to pick from (e.g. 640 672 ... 800)")
-    a("--flip", type=float, default=0.5, help="probability of a horizontal flip in training")
+    a("--preset", choices=list(PRESETS), help="the defaults of the flags below marked 'default: ...' (default: paper "
+      "with --data, quickstart without)")
+    a("--train-ann", help="training annotations, if not DATA/annotations/instances_{train split}.json")
+    a("--train-images", help="training images, if not DATA/{train split}/")
+    a("--val-ann", help="val annotations, if not DATA/annotations/instances_{val split}.json")
+    a("--val-images", help="val images, if not DATA/{val split}/")
+    a("--train-split", help=preset("train_split"))
+    a("--val-split", help=preset("val_split"))
+    # the network: model.ModelConfig (§3.4, §4)
+    a("--arch", choices=list(B.ARCHS), help=preset("arch"))
+    a("--norm", choices=["frozen", "bn"], help="the backbone's batch norm; " + preset("norm"))
+    a("--freeze-at", type=int, help="stages frozen, the stem first; " + preset("freeze_at"))
+    a("--backbone-weights", help="'imagenet', a .pth state dict or 'none'; " + preset("backbone_weights"))
+    a("--channels", type=int, help="FPN and head width; " + preset("channels"))
+    a("--head-norm", choices=["none", "gn"], help="GroupNorm in the heads (torchvision v2); " + preset("head_norm"))
+    a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
+    a("--anchor-sizes", type=int, nargs="+", help="anchor size on P3-P7; " + preset("anchor_sizes"))
+    a("--min-size", type=int, help="shorter side of the images; " + preset("min_size"))
+    a("--max-size", type=int, help="longest side at most; " + preset("max_size"))
+    a("--size-divisible", type=int, help="batches padded to a multiple of it; " + preset("size_divisible"))
+    # the loss: loss.LossConfig (§3, §4 "Training")
     a("--alpha", type=lambda s: None if s == "none" else float(s), default=0.25, help="alpha of FL, or 'none'")
     a("--gamma", type=float, default=2.0, help="gamma of FL (0: alpha-balanced CE)")
-    a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
     a("--box-loss", default="smooth_l1", choices=["smooth_l1", "l1", "giou"])
     a("--ohem", type=float, default=0, help="OHEM negatives:positives ratio, not FL over all (Table 1d; inf: no ratio)")
-    a("--momentum", type=float, default=0.9), a("--weight-decay", type=float, default=1e-4)
+    # the optimisation (§4.1)
+    a("--batch-size", type=int, help="images an iteration, over all processes; " + preset("batch_size"))
+    a("--lr", type=float, help="learning rate for 16 images, scaled linearly with --batch-size; " + preset("lr"))
+    a("--iters", type=int, help=preset("iters"))
+    a("--steps", type=int, nargs="+", help="iterations at which the LR drops x0.1; " + preset("steps"))
+    a("--schedule", type=float, default=1.0, help="multiplies --iters, --steps (1x = 90k iterations)")
+    a("--warmup-iters", type=int, help=preset("warmup_iters"))
     a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
-    a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
-    a("--device", help="cpu or cuda (default: cuda when available)")
-    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="memory format (auto: nhwc on CUDA, AVX-512)")
-    a("--deterministic", action="store_true", help="deterministic CUDA kernels: --resume reproduces a GPU run too")
+    a("--momentum", type=float, default=0.9)
+    a("--weight-decay", type=float, default=1e-4)
+    # the data pipeline
+    a("--scales", type=int, nargs="+", help="multi-scale training: shorter sides to pick from (e.g. 640 672 ... 800)")
+    a("--flip", type=float, default=0.5, help="probability of a horizontal flip in training")
     a("--aspect-grouping", action=argparse.BooleanOptionalAction, default=True,
       help="batch landscape with landscape and portrait with portrait images (less padding)")
+    a("--workers", type=int, help="data loading processes; " + preset("workers"))
+    # the machine
+    a("--device", help="cpu or cuda (default: cuda when available)")
+    a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
+    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="memory format (auto: nhwc on CUDA, AVX-512)")
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels: --resume reproduces a GPU run too")
     a("--seed", type=int, default=0)
+    # the run
+    a("--out", help="folder of the checkpoint, metrics and evaluation; " + preset("out"))
     a("--log-every", type=int, default=20)
+    a("--ckpt-every", type=int, help=preset("ckpt_every"))
     a("--eval-at", type=int, nargs="+", default=[], help="also evaluate at these iterations (AP against iterations)")
-    a("--finetune", help="start from a checkpoint of this project, or 'torchvision' / 'torchvision-v2'")
+    a("--no-eval", action="store_true", help="skip the evaluation at the end")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    a("--finetune", help="start from a checkpoint of this project, or 'torchvision' / 'torchvision-v2'")
     a("--eval-only", action="store_true", help="evaluate --weights on the val split")
     a("--weights", help="checkpoint to evaluate with --eval-only")
-    a("--no-eval", action="store_true", help="skip the evaluation at the end")
     return p
 
 
 def fill_defaults(args):
+    """The preset's value for every flag left unset, and --schedule applied."""
     args.preset = args.preset or ("paper" if args.data else "quickstart")
     if args.preset == "paper" and not args.data:
         raise ValueError("--preset paper needs --data (a COCO-format root)")
     for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
+        if getattr(args, k) is None:
             setattr(args, k, v)
-    args.data = args.data or SYNTHETIC[args.preset][0]
+    args.data = args.data or QUICKSTART_DATA
     args.head_norm = None if args.head_norm == "none" else args.head_norm
     args.iters, args.steps = round(args.iters * args.schedule), [round(s * args.schedule) for s in args.steps]
     return args
 
 
-def print0(*a, **kw):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **kw, flush=True)
+def setup_process(args):
+    """Deterministic kernels if asked, DDP from torchrun's environment (nanoGPT style: NCCL on GPUs, gloo on
+    CPUs), the device and the seed. Returns (device, rank, world)."""
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)  # also makes cuDNN pick deterministic algorithms
+        torch.backends.cudnn.benchmark = False
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    torch.manual_seed(args.seed)
+    return device, rank, world
 
 
 def datasets(args, train=True):
@@ -105,183 +168,118 @@ def datasets(args, train=True):
 
 
 def build_model(args, ds, device):
+    """The network: a new one from the flags, or --finetune's (its architecture, this run's classes and scale)."""
     names, cat_ids = ds.class_names, tuple(ds.cat_ids)
-    if args.finetune:  # §3.3: a new class count gets a new, prior-initialised class output layer
-        model = W.load_checkpoint(args.finetune)  # the architecture is the checkpoint's, the recipe this run's
+    if args.finetune:
+        model = W.load_checkpoint(args.finetune)
         cfg = model.cfg
-        if cfg.num_classes != len(names):
+        if cfg.num_classes != len(names):  # §3.3: new classes get a new, prior-initialised class output layer
             model.cls_head.reset_output(len(names), args.prior)
         cfg.num_classes, cfg.class_names, cfg.category_ids = len(names), names, cat_ids
-        cfg.min_size, cfg.max_size, cfg.alpha, cfg.gamma, cfg.ohem_ratio = (args.min_size, args.max_size, args.alpha,
-                                                                            args.gamma, args.ohem)
+        cfg.min_size, cfg.max_size = args.min_size, args.max_size
         return model.train().to(device)
     cfg = M.ModelConfig(
         num_classes=len(names), class_names=names, category_ids=cat_ids, arch=args.arch, norm=args.norm,
         freeze_at=args.freeze_at, channels=args.channels, head_norm=args.head_norm, prior=args.prior,
-        anchor_sizes=tuple(args.anchor_sizes), alpha=args.alpha, gamma=args.gamma, ohem_ratio=args.ohem,
-        box_loss=args.box_loss, min_size=args.min_size, max_size=args.max_size, size_divisible=args.size_divisible)
+        anchor_sizes=tuple(args.anchor_sizes), min_size=args.min_size, max_size=args.max_size,
+        size_divisible=args.size_divisible)
     weights = None if args.backbone_weights == "none" else args.backbone_weights
     return M.RetinaNet(cfg, backbone_weights=weights).to(device)
 
 
-def main(args):
-    args = fill_defaults(args)
-    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)  # also makes cuDNN pick deterministic algorithms
-        torch.backends.cudnn.benchmark = False
-    # DDP, detected from torchrun's environment (nanoGPT style): NCCL on GPUs, gloo on CPUs.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    amp = args.amp and device.type == "cuda"
-    if args.amp and not amp:
-        print0("--amp needs CUDA: training in float32")
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    path, make = SYNTHETIC.get(args.preset, (None, None))
-    if args.data == path and not os.path.exists(D.coco_paths(args.data, "val")[0]) and local == 0:
-        print0(f"writing the {args.preset} set to {path} (once) ...")  # once a node: nodes need not share a disk
-        make(path)
-    if ddp:
-        dist.barrier()
+def channels_last(layout, device):
+    """The memory layout of training, by --layout or, for auto, by the device: cuDNN's float16 convolutions
+    prefer channels-last, and so does oneDNN on a CPU with AVX-512; with AVX2 only, oneDNN's channels-last 3x3
+    backward was slower, so NCHW (docs/performance.md)."""
+    if layout != "auto":
+        return layout == "nhwc"
+    return device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512")
 
-    if args.eval_only:
-        if not args.weights:
-            raise ValueError("--eval-only needs --weights CHECKPOINT")
-        model, val = W.load_checkpoint(args.weights, device), datasets(args, train=False)[1]
-        try:
-            category_ids(model.cfg, val)  # a model of other classes: one line naming both files
-        except ValueError as e:
-            raise ValueError(f"{args.weights}: {e}") from None
-        stats = evaluate(model, val, rank=rank, world=world, out_dir=args.out)
-        print0(json.dumps(stats))
-        return {"model": model, "stats": stats}
 
-    train_ds, val_ds = datasets(args)
-    if args.backbone_weights == pretrain.WEIGHTS and not os.path.exists(pretrain.WEIGHTS):
-        raise FileNotFoundError(f"{pretrain.WEIGHTS}: no pretrained backbone yet; `python pretrain.py` makes it")
-    model = build_model(args, train_ds, device)
-    cfg = model.cfg
-    if ddp and cfg.norm == "bn":  # trainable BN: normalise over all processes' images, as one process would
-        model = B.sync_batch_norm(model)  # before the optimizer takes the parameters
-    nhwc = M.channels_last(args.layout, device)
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
-    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else device.type
-    print0(f"memory layout: {'channels-last' if nhwc else 'NCHW'} (--layout {args.layout}, {isa})")
+def build_optimizer(args, model):
+    """SGD with momentum and weight decay on the trainable parameters, LR for 16 images scaled linearly to the
+    batch (§4.1), and its schedule: linear warmup from --warmup-factor, then x0.1 at each of --steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr * args.batch_size / 16  # §4.1: 0.01 for 16 images, linear scaling rule
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
-    def lr_factor(it):  # linear warmup from warmup_factor, then x0.1 at each step (§4.1)
+    def lr_factor(it):
         warm = args.warmup_factor + (1 - args.warmup_factor) * it / args.warmup_iters if it < args.warmup_iters else 1
         return warm * 0.1 ** bisect.bisect_right(args.steps, it)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    ckpt_path, start = os.path.join(args.out, "checkpoint.pt"), 0
-    if args.resume:
-        start = C.restore(ckpt_path, model, optimizer, scheduler, scaler, device)
-        print0(f"resumed from {ckpt_path} at iteration {start}")
-    if rank == 0:  # the log of this run: up to its checkpoint when resumed, empty when it starts afresh
-        C.keep_metrics_until(args.out, start)
-    train_model = torch.nn.parallel.DistributedDataParallel(model, [device] if cuda else None) if ddp else model
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def make_loader(args, ds, cfg, start, rank, world, pin_memory):
+    """This process's batches from iteration `start` on (data.BatchStream: the same batches for any process
+    count, worker count or resume), padded to cfg.size_divisible with the mean colour."""
     fill = tuple(round(255 * m) for m in cfg.pixel_mean)
-    groups = train_ds.aspect_groups() if args.aspect_grouping else None
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=D.BatchStream(len(train_ds), args.batch_size, args.seed, start, args.iters, rank,
-                                              world, groups),
-        collate_fn=partial(D.collate, size_divisible=cfg.size_divisible, fill=fill), num_workers=args.workers,
-        pin_memory=cuda)
+    groups = ds.aspect_groups() if args.aspect_grouping else None
+    sampler = D.BatchStream(len(ds), args.batch_size, args.seed, start, args.iters, rank, world, groups)
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin_memory,
+                                       collate_fn=partial(D.collate, size_divisible=cfg.size_divisible, fill=fill))
 
-    def all_reduce_mean(x):  # the loss normaliser: mean foreground count over ranks (one process: as is)
-        if ddp:
-            dist.all_reduce(x)
-            x = x / world
-        return x
 
-    anchor_cache, last_good, t0, pixels, stats = {}, None, time.time(), [0, 0], None  # pixels: in batches, of images
-    bar = tqdm(total=args.iters, initial=start, disable=rank != 0, dynamic_ncols=True)
-    model.train()
-    for it, (images, targets) in zip(range(start, args.iters), loader):
-        pixels[0] += images[:, 0].numel()
-        pixels[1] += sum(h * w for h, w in (t["size"] for t in targets))
-        x = M.normalize(images.to(device, non_blocking=True), cfg)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            cls_logits, box_deltas = train_model(x)
-        if x.shape[-2:] not in anchor_cache:
-            anchor_cache[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
-        anchors = anchor_cache[x.shape[-2:]]
-        boxes, labels = [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets]
-        losses = retinanet_loss(cls_logits, box_deltas, anchors, boxes, labels, reduce_num_fg=all_reduce_mean,
-                                **cfg.loss_args())
-        loss = losses["cls"] + losses["box"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        # A non-finite loss, or a finite loss with non-finite gradients, stops the run before the step
-        # writes NaN into every weight. Under AMP the scaler skips steps with non-finite gradients and
-        # lowers its scale (its job), so only the loss is checked there. The loss is all-reduced and DDP
-        # has averaged the gradients: every rank sees the same numbers and stops together.
-        grads = [] if amp else [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-        loss_value, cls_value, box_value, grad_norm, *watch = torch.cat([  # one device sync for all
-            all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach()), norm.reshape(1),
-            losses["monitor"]]).tolist()  # the monitor: rank 0's own images
-        where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"iteration {it}: loss is {loss_value}; stopped. Last good checkpoint: {where}")
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"iteration {it}: gradient norm is {grad_norm} with a finite loss "
-                                     f"({loss_value:.4g}); stopped. Last good checkpoint: {where}")
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        done = it + 1
-        if rank == 0 and (done % args.log_every == 0 or done == args.iters):
-            speed = (done - start) * args.batch_size / (time.time() - t0)
-            row = {"iter": done, "loss": loss_value, "cls": cls_value, "box": box_value,
-                   "lr": scheduler.get_last_lr()[0], "img_per_s": float(f"{speed:.3g}"),
-                   "pixels_per_image_pixel": round(pixels[0] / pixels[1], 4),  # 1.0: no padding
-                   **{k: None if math.isnan(v) else round(v, 5) for k, v in zip(MONITOR, watch)}}
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.4f}", img_s=f"{speed:.1f}")
-        bar.update(1)
-        if done in args.eval_at or (done == args.iters and not args.no_eval):  # AP against iterations
-            t_eval = time.time()
-            stats = evaluate(model, val_ds, rank=rank, world=world, workers=min(args.workers, 2),
-                             out_dir=args.out if done == args.iters else None)
-            t0 += time.time() - t_eval  # images/s counts training time only
-            if rank == 0:  # and where this batch's CE and FL would put the loss and its gradient (§3.2)
-                shares = batch_shares(cls_logits, anchors, boxes, labels, cfg.fg_iou, cfg.bg_iou)
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"iter": done, "eval": stats, "shares": shares}) + "\n")
-        if done % args.ckpt_every == 0 or done == args.iters:
-            C.check_finite(model, done, where)  # on every rank: the weights are the same on all
-            if rank == 0:
-                C.save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, args)
-            last_good = done
-    bar.close()
-    if rank == 0 and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        C.plot_losses(args.out)
-    print0(f"trained {args.iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}; "
-           f"{pixels[0] / max(pixels[1], 1):.3f} batch pixels per image pixel (padding)")
+def main(args):
+    args = fill_defaults(args)
+    device, rank, world = setup_process(args)
+    os.makedirs(args.out, exist_ok=True)
+    if (args.preset == "quickstart" and args.data == QUICKSTART_DATA and not os.path.exists(D.coco_paths(
+            args.data, "val")[0]) and int(os.environ.get("LOCAL_RANK", 0)) == 0):
+        print0(f"writing the shapes set to {args.data} (once) ...")  # once a node: nodes need not share a disk
+        shapes.make_shapes(args.data)
+    if dist.is_initialized():
+        dist.barrier()
+    if args.eval_only:
+        return evaluate_only(args, device, rank, world)
+
+    train_ds, val_ds = datasets(args)
+    model = build_model(args, train_ds, device)
+    loss_cfg = LossConfig(alpha=args.alpha, gamma=args.gamma, box_loss=args.box_loss, ohem_ratio=args.ohem)
+    if dist.is_initialized() and model.cfg.norm == "bn":  # trainable BN: normalise over all processes' images
+        model = B.sync_batch_norm(model)  # before the optimizer takes the parameters
+    nhwc = channels_last(args.layout, device)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else device.type
+    print0(f"memory layout: {'channels-last' if nhwc else 'NCHW'} (--layout {args.layout}, {isa})")
+    optimizer, scheduler = build_optimizer(args, model)
+    amp = args.amp and device.type == "cuda"
+    if args.amp and not amp:
+        print0("--amp needs CUDA: training in float32")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    start = 0
+    if args.resume:
+        start = W.restore(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, scaler, device)
+        print0(f"resumed from {os.path.join(args.out, 'checkpoint.pt')} at iteration {start}")
+    if rank == 0:  # the log of this run: up to its checkpoint when resumed, empty when it starts afresh
+        keep_metrics_until(args.out, start)
+    loader = make_loader(args, train_ds, model.cfg, start, rank, world, pin_memory=device.type == "cuda")
+    stats = train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, start=start, iters=args.iters,
+                  out=args.out, batch_size=args.batch_size, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                  eval_at=args.eval_at, final_eval=not args.no_eval, eval_workers=min(args.workers, 2),
+                  run_args=vars(args))
     if start == args.iters and not args.no_eval:  # resumed after the last iteration: only the evaluation is left
         stats = evaluate(model, val_ds, rank=rank, world=world, out_dir=args.out, workers=min(args.workers, 2))
-    if not args.no_eval and stats:
+    if stats and not args.no_eval:
         print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
-    if ddp:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"model": model, "stats": stats}
+
+
+def evaluate_only(args, device, rank, world):
+    """--eval-only: COCO AP of --weights on the val split, refused before any image when its classes differ."""
+    if not args.weights:
+        raise ValueError("--eval-only needs --weights CHECKPOINT")
+    model, val = W.load_checkpoint(args.weights, device), datasets(args, train=False)[1]
+    try:
+        category_ids(model.cfg, val)  # a model of other classes: one line naming both files
+    except ValueError as e:
+        raise ValueError(f"{args.weights}: {e}") from None
+    stats = evaluate(model, val, rank=rank, world=world, out_dir=args.out)
+    print0(json.dumps(stats))
+    if dist.is_initialized():
         dist.destroy_process_group()
     return {"model": model, "stats": stats}
 

@@ -1,20 +1,87 @@
-"""Weights for the detector: this project's checkpoints (train.py's) and torchvision's COCO RetinaNets.
+"""Saving and loading weights: train.py's checkpoints, torchvision's COCO RetinaNets, export.py's ONNX files.
 
-`load_checkpoint(path)` rebuilds a trained model from the ModelConfig its checkpoint carries, so infer.py
-needs no flags; `load_checkpoint("torchvision")` (or "torchvision-v2") downloads torchvision's
-retinanet_resnet50_fpn (36.4 COCO AP) or its v2 (41.5) once and converts it: `from_torchvision` renames
-torchvision's state-dict keys to ours (`torchvision_key`) and `torchvision_config` states where
-torchvision departs from the paper (v1 takes P6 from P5; the paper from C5). Checkpoints are read with
-weights_only=True: a file cannot run code.
+A checkpoint holds everything a run needs to continue (model, optimizer, scheduler, AMP scaler,
+iteration, RNG states, arguments) and the three configs that rebuild and use the model: ModelConfig
+(the network), LossConfig (the loss it trained with) and InferenceConfig (§4 "Inference"). It is
+written to a temporary name and renamed, and never with non-finite weights (check_finite). On a CPU,
+`train.py --resume` continues bit for bit (restore); on CUDA only with --deterministic (see README).
+
+`load_checkpoint(path)` rebuilds a trained model from its checkpoint, so infer.py needs no flags;
+`load_checkpoint("torchvision")` (or "torchvision-v2") downloads torchvision's retinanet_resnet50_fpn
+(36.4 COCO AP) or its v2 (41.5) once and converts it: `from_torchvision` renames torchvision's
+state-dict keys to ours (`torchvision_key`) and `torchvision_config` states where torchvision departs
+from the paper (v1 takes P6 from P5; the paper from C5). Checkpoints are read with weights_only=True:
+a file cannot run code.
 """
+import dataclasses
 import json
 import os
 import re
 
 import torch
 
+import data as D
 from backbone import download_state_dict
-from model import ModelConfig, RetinaNet
+from loss import LossConfig
+from model import InferenceConfig, ModelConfig, RetinaNet
+
+
+def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, loss_cfg, run_args=None):
+    """Everything a run needs to continue, written to a temporary name and renamed: never half-written.
+    run_args: the run's settings as a dict (train.py's flags), kept for the record."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "iteration": iteration, "args": run_args or {},
+             **config_entries(model.cfg, loss_cfg, model.inference),
+             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
+    D.write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def config_entries(cfg, loss_cfg, inference):
+    """The configs as a checkpoint (and export.py's ONNX metadata) stores them."""
+    return {"config": dataclasses.asdict(cfg), "loss": dataclasses.asdict(loss_cfg),
+            "inference": dataclasses.asdict(inference)}
+
+
+def read_configs(entries):
+    """(ModelConfig, LossConfig, InferenceConfig) of a checkpoint's entries. Before issue 33 a checkpoint held
+    all three in one "config" (a flat dict; export.py's ONNX metadata too): each takes its own fields from it.
+    TypeError on a field none of them has."""
+    if "loss" not in entries and "inference" not in entries:  # the flat form of earlier checkpoints
+        flat = entries.get("config", entries)
+        fields = [{f.name for f in dataclasses.fields(c)} for c in (ModelConfig, LossConfig, InferenceConfig)]
+        unknown = set(flat) - set().union(*fields)
+        if unknown:
+            raise TypeError(f"unknown config fields {sorted(unknown)}")
+        entries = {key: {k: v for k, v in flat.items() if k in names}
+                   for key, names in zip(("config", "loss", "inference"), fields)}
+    return (ModelConfig.from_dict(entries["config"]), LossConfig(**entries.get("loss", {})),
+            InferenceConfig(**entries.get("inference", {})))
+
+
+def check_finite(model, iteration, last_good):
+    """FloatingPointError unless every weight is finite: a checkpoint is never written with NaN weights."""
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad:
+        raise FloatingPointError(f"iteration {iteration}: {bad} is not finite; stopped. Last good checkpoint: "
+                                 f"{last_good or 'none written yet'}")
+
+
+def restore(path, model, optimizer, scheduler, scaler, device):
+    """Load a run's checkpoint into its model, optimizer, scheduler, scaler and RNGs; returns its iteration.
+    Read onto the CPU (the RNG states must stay CPU tensors), then each part copies to its device."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler.is_enabled() and ckpt["scaler"]:  # a run without AMP saved an empty scaler state
+        scaler.load_state_dict(ckpt["scaler"])
+    elif scaler.is_enabled():
+        print(f"{path}: no AMP loss scale saved (a float32 run); starting from the default scale")
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    index = (torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" else -1
+    if 0 <= index < len(ckpt["rng"]["cuda"]):
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][index], index)
+    return ckpt["iteration"]
 
 # torchvision key -> ours. Old torchvision files (the v1 COCO weights) name the FPN convs without
 # the ".0." and the head convs conv.0, conv.2, ...; both forms are accepted.
@@ -40,8 +107,14 @@ def torchvision_config(version=1, num_classes=91, class_names=()):
         num_classes=num_classes, class_names=tuple(class_names), arch="resnet50", norm="frozen", round_anchors=True,
         # v1: P6 from P5 and its COCO weights were trained with batch-norm eps 0 (torchvision's overwrite_eps)
         p6_from="p5" if version == 1 else "c5", frozen_bn_eps=0.0 if version == 1 else 1e-5,
-        head_norm=None if version == 1 else "gn", box_loss="l1" if version == 1 else "giou", size_divisible=32,
+        head_norm=None if version == 1 else "gn", size_divisible=32,
     )
+
+
+def torchvision_loss(version=1):
+    """The loss torchvision's RetinaNet trains with, as a LossConfig: the paper's but its box loss, L1 (v1, as
+    detectron2) or GIoU on decoded boxes (v2)."""
+    return LossConfig(box_loss="l1" if version == 1 else "giou")
 
 
 def torchvision_key(key):
@@ -82,12 +155,24 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint of this project (no 'config' and 'model' entries)")
-    model = RetinaNet(ModelConfig.from_dict(ckpt["config"]))
+    try:
+        cfg, _, inference = read_configs(ckpt)
+    except TypeError as e:  # a checkpoint of another version of this project
+        raise ValueError(f"{path}: its configs are not this project's ({e})") from None
+    model = RetinaNet(cfg, inference=inference)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit its config ({str(e).splitlines()[1].strip()[:120]})") from None
     return model.to(device).eval()
+
+
+def load_loss_config(path):
+    """The LossConfig a checkpoint trained with (its anchor assignment: analyze.py and app.py assign as training
+    did); the paper's for torchvision's weights and ONNX files, which carry none."""
+    if path in ("torchvision", "torchvision-v2") or str(path).endswith(".onnx"):
+        return LossConfig()
+    return read_configs(torch.load(path, map_location="cpu", weights_only=True))[1]
 
 
 def load_torchvision(version=1):
@@ -103,7 +188,7 @@ def load_torchvision(version=1):
     return model.eval()
 
 
-ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes the ModelConfig as JSON under this metadata key
+ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes the configs (config_entries) as JSON under this metadata key
 
 
 class OnnxRetinaNet(torch.nn.Module):
@@ -134,10 +219,10 @@ class OnnxRetinaNet(torch.nn.Module):
             raise ValueError(f"{path}: an ONNX model without this project's metadata (no '{ONNX_CONFIG_KEY}'); "
                              f"write it with export.py")
         try:
-            self.cfg, self.path = ModelConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY])), path
-        except (ValueError, TypeError) as e:  # not JSON, or a config of another version of this project
+            self.cfg, _, self.inference = read_configs(json.loads(meta[ONNX_CONFIG_KEY]))
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, or a config of another version
             raise ValueError(f"{path}: its {ONNX_CONFIG_KEY!r} metadata is no config of this project ({e})") from None
-        self.threads = options.intra_op_num_threads
+        self.threads, self.path = options.intra_op_num_threads, path
         self.input = self.session.get_inputs()[0].name
 
     def forward(self, images):

@@ -1,4 +1,5 @@
-"""analyze.py: Fig. 1 against Eq. 5, Fig. 4's CDFs against training's loss, the cache, anchor coverage by hand."""
+"""analyze.py: Fig. 1 against Eq. 5, Fig. 4's CDFs against training's loss, the cache, anchor coverage by hand,
+where the loss goes (fig4.loss_shares) by hand."""
 import dataclasses
 import json
 import math
@@ -16,7 +17,7 @@ import model as M
 import weights as W
 from conftest import analyze_args as args
 from conftest import shared_path
-from loss import assign_targets, retinanet_loss
+from loss import LossConfig, assign_targets, retinanet_loss
 
 
 def test_curves_match_eq5_at_sample_points(tmp_path):
@@ -64,7 +65,7 @@ def test_gamma_zero_losses_are_the_cross_entropy_training_computes(run):
             cls_logits, box_deltas = model(M.normalize(images, cfg))
         anchors, _ = M.make_anchors(cfg, images.shape[-2:])
         losses = retinanet_loss(cls_logits, box_deltas, anchors, [t["boxes"] for t in targets],
-                                [t["labels"] for t in targets], alpha=None, gamma=0.0,
+                                [t["labels"] for t in targets], LossConfig(alpha=None, gamma=0.0),
                                 reduce_num_fg=lambda n: num_fg.append(n) or n)
         expected += losses["cls"].item() * max(1.0, num_fg[-1].item())
     assert ours == pytest.approx(expected, rel=1e-4)
@@ -219,3 +220,23 @@ def test_anchor_coverage_defaults_to_the_datasets_own_configuration(tiny_shapes)
     assert name == "quickstart" and cfg.anchor_sizes == (16, 32, 64, 128, 256) and cfg.min_size == 160
     name, cfg = analyze.preset_config(shared_path("coco_val2017_subset"), "val2017")
     assert name == "paper" and cfg.anchor_sizes == (32, 64, 128, 256, 512) and cfg.min_size == 800
+
+
+def test_loss_shares_by_hand():
+    # one positive at p_t = .5 and negatives at p_t = .9 and .99 (z = log(p_t / (1 - p_t)))
+    z_pos, z_neg = [0.0], [math.log(9), math.log(99)]
+    for gamma in (0.0, 2.0):
+        fl = [(1 - p) ** gamma * -math.log(p) for p in (0.5, 0.9, 0.99)]  # Eq. 4
+        dfl = [(1 - p) ** gamma * (1 - p - gamma * p * math.log(p)) for p in (0.5, 0.9, 0.99)]  # |dFL/dz|
+        shares = fig4.loss_shares(z_pos, z_neg, gamma)
+        for key, values in (("loss", fl), ("grad", dfl)):
+            got = shares[key]
+            assert got["positives"] == pytest.approx(values[0] / sum(values))
+            assert got["negatives 0.5 < p_t <= 0.9"] == pytest.approx(values[1] / sum(values))  # p_t = .9: <= .9
+            assert got["negatives 0.9 < p_t <= 0.99"] == pytest.approx(values[2] / sum(values))
+            assert got["negatives p_t <= 0.5"] == got["negatives p_t > 0.99"] == 0
+    ce = fig4.loss_shares(z_pos, z_neg, 0.0, neg_weight=10)  # each negative stands for ten
+    assert ce["loss"]["positives"] == pytest.approx(math.log(2) / (math.log(2) - 10 * math.log(0.9 * 0.99)))
+    alpha = fig4.loss_shares(z_pos, z_neg, 0.0, alpha=0.25)  # alpha .25 on the positive, .75 on negatives
+    pos, neg = 0.25 * math.log(2), -0.75 * math.log(0.9 * 0.99)
+    assert alpha["loss"]["positives"] == pytest.approx(pos / (pos + neg))

@@ -194,7 +194,7 @@ def test_the_endpoint_table_the_study_and_the_miniature_are_all_shown(tmp_path, 
     import json
 
     import app
-    import endpoint
+    from study import endpoint
 
     monkeypatch.setattr(endpoint, "LEDGER", str(tmp_path / "ledger.json"))
     assert "analyze.py ablate --preset dense" in app.study_tables(str(tmp_path))  # none yet: how to get them

@@ -1,4 +1,5 @@
-"""evaluate.py: labels become category ids through the checkpoint's own ids, and a model of other classes is refused."""
+"""engine.py's evaluation: labels become category ids through the checkpoint's own ids, and a model of other
+classes is refused."""
 import dataclasses
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 import data as D
-import evaluate as E
+import engine as E
 import model as M
 import weights as W
 from conftest import shared_path

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-import bench_pairs
 import data as D
 import export
 import fig4
@@ -19,6 +18,7 @@ import infer
 import model as M
 import weights as W
 from conftest import ROOT, run, shared_path
+from tools import bench_pairs
 
 
 def close(expected, got, rel=1e-4):

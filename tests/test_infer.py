@@ -17,7 +17,7 @@ import infer
 import model as M
 import weights as W
 from conftest import ROOT, shared_path
-from evaluate import evaluate
+from engine import evaluate
 
 
 def args(*words):
@@ -164,7 +164,7 @@ def test_score_threshold_1_gives_no_detection_and_0_every_candidate(tiny_shapes,
     path = os.path.join(tiny_shapes, "val", "000002.jpg")
     none, _ = infer.main(args(path, "--weights", tiny_checkpoint, "--out", tmp_path, "--score-thresh", "1.0"))
     every, _ = infer.main(args(path, "--weights", tiny_checkpoint, "--out", tmp_path, "--score-thresh", "0"))
-    assert len(none[path]["boxes"]) == 0 and len(every[path]["boxes"]) == 100  # cfg.max_detections
+    assert len(none[path]["boxes"]) == 0 and len(every[path]["boxes"]) == 100  # model.inference.max_detections
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), path, "--weights", tiny_checkpoint,
                            "--out", str(tmp_path), "--score-thresh", "1.5"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and proc.stderr.strip() == "error: score threshold must be in [0, 1], got 1.5"

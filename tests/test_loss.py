@@ -1,4 +1,5 @@
-"""loss.py: focal loss against torchvision and Eq. 5 in float64; the training loss against torchvision's."""
+"""loss.py: focal loss (plain and fused) against torchvision and Eq. 5 in float64, the fused form against the plain
+one; the training loss against torchvision's."""
 import math
 from decimal import Decimal, getcontext
 
@@ -10,10 +11,9 @@ from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resne
 from torchvision.ops import sigmoid_focal_loss
 
 import anchors as A
-import loss as L
 import model as M
 import weights as W
-from loss import focal_loss, retinanet_loss
+from loss import LossConfig, focal_loss, fused_focal_loss, retinanet_loss
 
 
 def eq5_float64(logits, targets, alpha, gamma):
@@ -30,19 +30,28 @@ def sample(n=4000, scale=4.0, seed=0):
     return torch.randn(n, 8, generator=g) * scale, (torch.rand(n, 8, generator=g) < 0.2).float()
 
 
+def fused(logits, targets, alpha=0.25, gamma=2.0, reduction="sum"):
+    """fused_focal_loss with focal_loss's reductions."""
+    loss = fused_focal_loss(logits, targets, alpha, gamma)
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+@pytest.mark.parametrize("fn", [focal_loss, fused], ids=["plain", "fused"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_focal_loss_equals_torchvision_value_and_gradient(gamma, reduction):
+def test_focal_loss_equals_torchvision_value_and_gradient(fn, gamma, reduction):
     logits, targets = sample()
     x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ours = focal_loss(x1, targets, 0.25, gamma, reduction)
+    ours = fn(x1, targets, 0.25, gamma, reduction)
     tv = sigmoid_focal_loss(x2, targets, 0.25, gamma, reduction)
     torch.testing.assert_close(ours, tv, rtol=1e-5, atol=1e-6)
     ours.sum().backward()
     tv.sum().backward()
-    assert torch.isfinite(x1.grad).all()
-    # torchvision's autograd gives NaN for gamma < 1 where 1 - p_t rounds to 0 (d/dq q^0.5 = inf); ours is finite
+    assert fn is focal_loss or torch.isfinite(x1.grad).all()
+    # autograd of the plain form (torchvision's and our focal_loss) gives NaN for gamma < 1 where 1 - p_t rounds
+    # to 0 (d/dq q^0.5 = inf); the fused form's closed-form gradient is finite
     finite = torch.isfinite(x2.grad)
+    assert torch.equal(finite, torch.isfinite(x1.grad)) or fn is fused
     torch.testing.assert_close(x1.grad[finite], x2.grad[finite], rtol=1e-4, atol=1e-7)
 
 
@@ -55,13 +64,16 @@ def eq5_decimal(x, t, alpha, gamma):
     return -alpha_t * (1 - p_t) ** Decimal(gamma) * p_t.ln()
 
 
+@pytest.mark.parametrize("fn", [focal_loss, fused], ids=["plain", "fused"])
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.75, 0.0), (None, 0.0), (None, 1.0), (0.5, 0.5), (0.25, 1.0),
                                          (0.25, 5.0)])  # the last two: Table 1b's (e1) and (e5) rows
-def test_focal_loss_equals_eq5_in_float64(alpha, gamma):
+def test_focal_loss_equals_eq5_in_float64(fn, alpha, gamma):
     logits, targets = sample(scale=5.0)
     logits = logits.clamp(-15, 15)  # float64 holds 1 - p to 1e-9 relative here
+    if fn is focal_loss:  # float32 holds 1 - p to 1e-4 relative up to |x| = 7 (1 - sigmoid(7) = 9e-4)
+        logits = logits.clamp(-7, 7)
     x = logits.clone().requires_grad_()
-    ours = focal_loss(x, targets, alpha, gamma, reduction="none")
+    ours = fn(x, targets, alpha, gamma, reduction="none")
     ours.sum().backward()
     x64 = logits.double().requires_grad_()
     ref = eq5_float64(x64, targets, alpha, gamma)
@@ -71,11 +83,11 @@ def test_focal_loss_equals_eq5_in_float64(alpha, gamma):
 
 
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.5, 0.5)])
-def test_focal_loss_is_finite_and_exact_for_logits_of_50(alpha, gamma):
+def test_fused_focal_loss_is_finite_and_exact_for_logits_of_50(alpha, gamma):
     getcontext().prec = 50
     cases = [(50.0, 1), (50.0, 0), (-50.0, 1), (-50.0, 0), (30.0, 0), (-100.0, 1)]
     x = torch.tensor([c[0] for c in cases], requires_grad=True)
-    ours = focal_loss(x, torch.tensor([float(c[1]) for c in cases]), alpha, gamma, reduction="none")
+    ours = fused_focal_loss(x, torch.tensor([float(c[1]) for c in cases]), alpha, gamma)
     ours.sum().backward()
     h = Decimal("1e-20")
     for i, (xi, ti) in enumerate(cases):
@@ -86,18 +98,36 @@ def test_focal_loss_is_finite_and_exact_for_logits_of_50(alpha, gamma):
         assert math.isclose(x.grad[i].item(), float(slope), rel_tol=1e-4, abs_tol=1e-30), (xi, ti)
 
 
-def test_gamma_zero_is_alpha_balanced_ce_and_alpha_none_is_ce():
+@pytest.mark.parametrize("fn", [focal_loss, fused], ids=["plain", "fused"])
+def test_gamma_zero_is_alpha_balanced_ce_and_alpha_none_is_ce(fn):
     logits, targets = sample()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     alpha_t = 0.25 * targets + 0.75 * (1 - targets)
-    torch.testing.assert_close(focal_loss(logits, targets, 0.25, 0.0, "none"), alpha_t * bce)  # Eq. 3
-    torch.testing.assert_close(focal_loss(logits, targets, None, 0.0, "none"), bce)  # Eq. 1
+    torch.testing.assert_close(fn(logits, targets, 0.25, 0.0, "none"), alpha_t * bce)  # Eq. 3
+    torch.testing.assert_close(fn(logits, targets, None, 0.0, "none"), bce)  # Eq. 1
 
 
-def test_focal_loss_rejects_bad_arguments():
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.5, 0.5), (0.25, 5.0)])
+def test_fused_focal_loss_equals_the_plain_one_in_value_and_gradient(alpha, gamma):
+    """The CPU optimisation against Eq. 5 as written, on logits where the plain form's float32 is accurate,
+    and with an ignore mask: those rows carry no loss and no gradient."""
+    logits, targets = sample(n=3000, scale=3.0)
+    ignore = torch.rand(3000, generator=torch.Generator().manual_seed(1)) < 0.1  # (3000,) rows of (3000, 8)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    fast = fused_focal_loss(x1, targets, alpha, gamma, ignore=ignore)
+    plain = focal_loss(x2, targets, alpha, gamma, reduction="none") * ~ignore[:, None]
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    (fast * targets.add(1)).sum().backward()  # a weighted sum: each element's gradient is checked
+    (plain * targets.add(1)).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    assert (x1.grad[ignore] == 0).all() and (x1.grad[~ignore].abs() > 1e-3).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("fn", [focal_loss, fused_focal_loss], ids=["plain", "fused"])
+def test_focal_loss_rejects_bad_arguments(fn):
     logits, targets = sample(10)
     with pytest.raises(ValueError, match="gamma"):
-        focal_loss(logits, targets, gamma=-1.0)
+        fn(logits, targets, gamma=-1.0)
     with pytest.raises(ValueError, match="reduction"):
         focal_loss(logits, targets, reduction="max")
 
@@ -140,9 +170,9 @@ TARGETS = [
 
 
 @pytest.mark.parametrize("version,kind,kw", [
-    (1, None, {"box_loss_type": "l1"}),
-    (2, None, {"box_loss_type": "giou"}),
-    (1, "smooth_l1", {"box_loss_type": "smooth_l1", "beta": 1.0}),  # torchvision's smooth L1 has beta 1
+    (1, None, {"cfg": LossConfig(box_loss="l1")}),
+    (2, None, {"cfg": LossConfig(box_loss="giou")}),
+    (1, "smooth_l1", {"cfg": LossConfig(box_loss="smooth_l1", smooth_l1_beta=1.0)}),  # torchvision's has beta 1
 ])
 def test_retinanet_loss_equals_torchvision_for_one_image(version, kind, kw):
     tv, ours = torchvision_pair(version, kind)
@@ -185,7 +215,8 @@ def test_ignored_anchors_carry_no_loss_and_background_image_only_background_loss
     torch.testing.assert_close(retinanet_loss(changed, deltas, anchors, boxes, labels)["cls"],
                                retinanet_loss(cls_logits, deltas, anchors, boxes, labels)["cls"])
     empty = retinanet_loss(cls_logits[1:], deltas[1:], anchors, boxes[1:], labels[1:])
-    torch.testing.assert_close(empty["cls"], focal_loss(cls_logits[1], torch.zeros_like(cls_logits[1])))
+    torch.testing.assert_close(empty["cls"], focal_loss(cls_logits[1], torch.zeros_like(cls_logits[1])), rtol=1e-5,
+                               atol=1e-6)
     assert empty["box"].item() == 0.0
 
 
@@ -196,14 +227,14 @@ def test_reduce_num_fg_sets_the_normaliser():
     torch.testing.assert_close(halved["cls"] * 2, plain["cls"])
 
 
-def test_focal_loss_is_the_same_in_cpu_and_gpu_sized_passes(monkeypatch):
+def test_fused_focal_loss_is_the_same_in_cpu_and_gpu_sized_passes(monkeypatch):
     logits, targets = sample(n=1 << 16)  # (65536, 8): 2 cache-sized passes, 1 GPU-sized one
     results = []
     for elements in (1 << 18, 1 << 24):
         monkeypatch.setattr(A, "elements_per_pass", lambda device, e=elements: e)
         x = logits.clone().requires_grad_()
-        focal_loss(x, targets).backward()
-        results.append((focal_loss(x.detach(), targets, reduction="none"), x.grad))
+        fused_focal_loss(x, targets).sum().backward()
+        results.append((fused_focal_loss(x.detach(), targets), x.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
@@ -239,23 +270,3 @@ def test_bad_targets_raise_value_error_saying_where(box, label, message):
     boxes[1], labels[1] = torch.tensor([box]), torch.tensor([label])
     with pytest.raises(ValueError, match=message):
         retinanet_loss(cls_logits, deltas, anchors, boxes, labels)
-
-
-def test_loss_shares_by_hand():
-    # one positive at p_t = .5 and negatives at p_t = .9 and .99 (z = log(p_t / (1 - p_t)))
-    z_pos, z_neg = [0.0], [math.log(9), math.log(99)]
-    for gamma in (0.0, 2.0):
-        fl = [(1 - p) ** gamma * -math.log(p) for p in (0.5, 0.9, 0.99)]  # Eq. 4
-        dfl = [(1 - p) ** gamma * (1 - p - gamma * p * math.log(p)) for p in (0.5, 0.9, 0.99)]  # |dFL/dz|
-        shares = L.loss_shares(z_pos, z_neg, gamma)
-        for key, values in (("loss", fl), ("grad", dfl)):
-            got = shares[key]
-            assert got["positives"] == pytest.approx(values[0] / sum(values))
-            assert got["negatives 0.5 < p_t <= 0.9"] == pytest.approx(values[1] / sum(values))  # p_t = .9: <= .9
-            assert got["negatives 0.9 < p_t <= 0.99"] == pytest.approx(values[2] / sum(values))
-            assert got["negatives p_t <= 0.5"] == got["negatives p_t > 0.99"] == 0
-    ce = L.loss_shares(z_pos, z_neg, 0.0, neg_weight=10)  # each negative stands for ten
-    assert ce["loss"]["positives"] == pytest.approx(math.log(2) / (math.log(2) - 10 * math.log(0.9 * 0.99)))
-    alpha = L.loss_shares(z_pos, z_neg, 0.0, alpha=0.25)  # alpha .25 on the positive, .75 on negatives
-    pos, neg = 0.25 * math.log(2), -0.75 * math.log(0.9 * 0.99)
-    assert alpha["loss"]["positives"] == pytest.approx(pos / (pos + neg))

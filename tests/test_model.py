@@ -1,6 +1,5 @@
 """model.py: parity with torchvision's RetinaNet v1 and v2 on the same weights, inference, bad input."""
 import dataclasses
-import functools
 
 import pytest
 import torch
@@ -96,8 +95,8 @@ def test_detect_equals_torchvision_end_to_end(version):
 def small_model(**kw):
     torch.manual_seed(0)
     cfg = M.ModelConfig(num_classes=3, arch="resnet18", norm="bn", freeze_at=0, channels=32, min_size=96,
-                        max_size=160, score_thresh=0.005, **kw)
-    model = M.RetinaNet(cfg).eval()
+                        max_size=160, **kw)
+    model = M.RetinaNet(cfg, inference=M.InferenceConfig(score_thresh=0.005)).eval()
     for conv in model.cls_head.tower.modules():  # spread the scores as training does: at init they are all
         if isinstance(conv, torch.nn.Conv2d):    # 0.01 +- 1e-6, and rounding that depends on the batch size
             torch.nn.init.normal_(conv.weight, std=0.07)  # (oneDNN, AVX2) would reorder the ties
@@ -187,7 +186,11 @@ def test_score_thresholds_0_and_1_keep_everything_and_nothing():
     per_level = [h * w * 9 for h, w in ((8, 8), (4, 4), (2, 2), (1, 1), (1, 1))]
     cls_logits, box_deltas = torch.randn(1, sum(per_level), 3, generator=g) - 2, torch.randn(1, sum(per_level), 4) * 0.1
     anchors = M.make_anchors(M.ModelConfig(), (64, 64))[0]
-    run = functools.partial(M.postprocess, cls_logits, box_deltas, anchors, per_level, [(64, 64)], max_detections=300)
+
+    def run(score_thresh):
+        settings = M.InferenceConfig(score_thresh=score_thresh, max_detections=300)
+        return M.postprocess(cls_logits, box_deltas, anchors, per_level, [(64, 64)], cfg=settings)
+
     assert len(run(score_thresh=1.0)[0]["boxes"]) == 0
     everything, just_below = run(score_thresh=0.0)[0], run(score_thresh=cls_logits.sigmoid().min().item() / 2)[0]
     assert len(everything["boxes"]) > 100

@@ -1,4 +1,6 @@
-"""train.py: a step trains, a few dozen overfit, resume is exact, DDP equals one process, faults stop cleanly."""
+"""train.py and engine.py's loop: a step trains, a few dozen overfit, resume is exact, DDP equals one process,
+faults stop cleanly, the first step's log shows the prior, every flag is spelled out."""
+import inspect
 import math
 import os
 import signal
@@ -10,10 +12,8 @@ import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-import checkpoint as C
 import data as D
-import model as M
-import recipes
+import engine
 import shapes
 import train
 import weights as W
@@ -130,14 +130,14 @@ def test_eval_only_gives_the_same_numbers_as_the_end_of_training(tiny_shapes, tm
      "gradient norm is nan with a finite loss")])
 def test_non_finite_loss_or_gradients_stop_with_the_last_good_checkpoint(tiny_shapes, tmp_path, monkeypatch, poison,
                                                                           message):
-    calls, train_loss = [], train.retinanet_loss
+    calls, train_loss = [], engine.retinanet_loss
 
     def poisoned(cls_logits, *args, **kw):
         calls.append(1)
         losses = train_loss(cls_logits, *args, **kw)
         return poison(cls_logits, losses) if len(calls) == 4 else losses
 
-    monkeypatch.setattr(train, "retinanet_loss", poisoned)
+    monkeypatch.setattr(engine, "retinanet_loss", poisoned)
     out = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match=rf"iteration 3: {message}.*checkpoint\.pt \(iteration 2\)"):
         run(tiny_shapes, out, iters=10, **{"ckpt-every": "2"})
@@ -148,11 +148,11 @@ def test_non_finite_loss_or_gradients_stop_with_the_last_good_checkpoint(tiny_sh
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tiny_checkpoint):
     model = W.load_checkpoint(tiny_checkpoint)
-    C.check_finite(model, 5, "x.pt (iteration 4)")  # finite: no error
+    W.check_finite(model, 5, "x.pt (iteration 4)")  # finite: no error
     with torch.no_grad():
         model.box_head.out.bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"iteration 5: box_head.out.bias is not finite.*x.pt \(iteration 4\)"):
-        C.check_finite(model, 5, "x.pt (iteration 4)")
+        W.check_finite(model, 5, "x.pt (iteration 4)")
 
 
 def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_device(tiny_shapes, tmp_path, monkeypatch):
@@ -174,21 +174,21 @@ def test_resume_with_amp_from_a_float32_run_starts_a_fresh_loss_scale(tiny_check
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # enabled, as --amp makes it (CUDA there)
-    assert C.restore(tiny_checkpoint, model, opt, sched, scaler, torch.device("cpu")) == ckpt["iteration"]
+    assert W.restore(tiny_checkpoint, model, opt, sched, scaler, torch.device("cpu")) == ckpt["iteration"]
     assert scaler.get_scale() == 2.0**10
     scaler.scale(torch.ones(()))  # (initialises the scale tensor)
     scaler.update(2.0**7)  # an AMP run's scale is restored
     path = str(tmp_path / "amp.pt")
     torch.save({**ckpt, "scaler": scaler.state_dict()}, path)
     fresh = torch.amp.GradScaler("cpu")
-    C.restore(path, model, opt, sched, fresh, torch.device("cpu"))
+    W.restore(path, model, opt, sched, fresh, torch.device("cpu"))
     assert fresh.get_scale() == 2.0**7
 
 
 def test_metrics_after_a_resume_have_each_iteration_once(tiny_shapes, tmp_path, monkeypatch):
     straight = str(tmp_path / "a")
     run(tiny_shapes, straight, iters=6, **{"no-eval": True})
-    calls, train_loss = [], train.retinanet_loss
+    calls, train_loss = [], engine.retinanet_loss
 
     def crash_at_5(*args, **kw):
         calls.append(1)
@@ -197,11 +197,11 @@ def test_metrics_after_a_resume_have_each_iteration_once(tiny_shapes, tmp_path, 
         return train_loss(*args, **kw)
 
     out = str(tmp_path / "b")
-    monkeypatch.setattr(train, "retinanet_loss", crash_at_5)
+    monkeypatch.setattr(engine, "retinanet_loss", crash_at_5)
     with pytest.raises(FloatingPointError):  # iteration 4 logged, the checkpoint is at 3
         run(tiny_shapes, out, iters=6, **{"ckpt-every": "3", "no-eval": True})
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3, 4]
-    monkeypatch.setattr(train, "retinanet_loss", train_loss)
+    monkeypatch.setattr(engine, "retinanet_loss", train_loss)
     run(tiny_shapes, out, iters=6, resume=True, **{"no-eval": True})
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(straight)]
@@ -211,8 +211,8 @@ def test_auto_layout_is_channels_last_on_cuda_and_on_avx512_cpus_only(monkeypatc
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for isa, want in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
-        assert M.channels_last("auto", cpu) is want and M.channels_last("auto", cuda)
-        assert not M.channels_last("nchw", cuda) and M.channels_last("nhwc", cpu)
+        assert train.channels_last("auto", cpu) is want and train.channels_last("auto", cuda)
+        assert not train.channels_last("nchw", cuda) and train.channels_last("nhwc", cpu)
 
 
 def test_deterministic_and_channels_last_train_as_an_nchw_run(tiny_shapes, tmp_path, monkeypatch):
@@ -270,9 +270,34 @@ def test_a_non_finite_buffer_stops_the_run_at_its_checkpoint(tiny_shapes, tmp_pa
 @pytest.mark.parametrize("local_rank,writes", [("0", True), ("1", False)])
 def test_the_quick_start_set_is_written_by_each_nodes_first_process(tmp_path, monkeypatch, local_rank, writes):
     written = []
-    monkeypatch.setitem(recipes.SYNTHETIC, "quickstart", ("data/shapes", written.append))
+    monkeypatch.setattr(shapes, "make_shapes", written.append)
     monkeypatch.setenv("LOCAL_RANK", local_rank)  # no RANK / WORLD_SIZE: one process, told it is the node's n-th
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError):  # nothing was really written
         train.main(train.get_args_parser().parse_args(["--iters", "1"]))
     assert written == (["data/shapes"] if writes else [])
+
+
+def test_the_first_steps_log_shows_the_prior(tiny_shapes, tmp_path):
+    """Iteration 1's row is the freshly initialised classifier's: every logit near the prior's, -log((1 - π) / π)
+    = -log(99) (§3.3; the class subnet's N(0, 0.01) weights move it by a few hundredths), none scored above .05."""
+    out = str(tmp_path / "prior")
+    run(tiny_shapes, out, iters=2, **{"no-eval": True})
+    first = read_metrics(out)[0]
+    assert first["iter"] == 1 and first["scored_above_0.05"] == 0
+    assert first["neg_logit"] == pytest.approx(-math.log(99), abs=0.05)
+    assert first["pos_logit"] == pytest.approx(-math.log(99), abs=0.05)
+    assert first["grad_norm"] > 0 and first["cls"] > 0
+
+
+def test_every_flag_is_written_out_and_the_presets_give_the_defaults():
+    parser = train.get_args_parser()
+    source = inspect.getsource(train.get_args_parser)
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]  # --no-x is generated
+    missing = [flag for flag in flags if f'"{flag}"' not in source]
+    assert len(flags) > 40 and not missing, missing
+    for words, preset in (([], train.QUICKSTART), (["--data", "/coco"], train.PAPER)):
+        args = train.fill_defaults(parser.parse_args(words))
+        assert {k: getattr(args, k) for k in preset} == preset
+    args = train.fill_defaults(parser.parse_args(["--lr", "0.5", "--steps", "10", "20", "--schedule", "2"]))
+    assert args.lr == 0.5 and args.steps == [20, 40] and args.iters == 2 * train.QUICKSTART["iters"]

@@ -8,7 +8,7 @@
 # It trains the quick start (data/shapes, written once) in float32 and with --amp, channels-last and NCHW;
 # kills a --deterministic run with kill -9 and resumes it, then compares its weights with an uninterrupted
 # run's (and does the same without --deterministic, to show the difference); runs torchrun on all GPUs,
-# --eval-only, infer.py and bench.py --quick on the GPU. One line a check: PASS or FAIL, then its figures.
+# --eval-only, infer.py and tools/bench.py --quick on the GPU. One line a check: PASS or FAIL, then its figures.
 # Logs and runs go to $OUT (default runs/gpu_check); the lines also to $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,9 +85,9 @@ report eval $? "--eval-only on the GPU: $(tail -1 "$OUT/eval.log" | cut -c1-80)"
 $PY infer.py data/shapes/val/000001.jpg data/shapes/val/000002.jpg --weights "$OUT/fp32/checkpoint.pt" \
   --device "$DEVICE" --out "$OUT/infer" > "$OUT/infer.log" 2>&1
 report infer $? "infer.py --device $DEVICE: $(grep -c 'detections' "$OUT/infer.log") images"
-$PY bench.py --device "$DEVICE" --quick --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+$PY -m tools.bench --device "$DEVICE" --quick --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 status=$?
 $PY -c "import json, sys; sys.exit(not all(r['equal'] for r in json.load(open('$OUT/bench.json'))['rows']))" 2>/dev/null || status=1
-report bench $status "bench.py --quick: $($PY -c "import json
+report bench $status "tools.bench --quick: $($PY -c "import json
 print('; '.join(f\"{r['what'].split(':')[0]} {r['ratio']:.2f}\" for r in json.load(open('$OUT/bench.json'))['rows']))" 2>/dev/null)"
 ! grep -q '^FAIL' "$OUT/summary.txt"

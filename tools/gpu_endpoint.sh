@@ -9,7 +9,7 @@
 # plus --device (analyze.py endpoint: the same code), at the LRs the CPU study chose on held-out pictures
 # (--lrs, CE's and FL's), into a ledger of its own; at the end (or at DEADLINE seconds, when unfinished runs
 # are stopped) the ledgers are merged into $OUT/endpoint_runs_cuda.json, the logs into $OUT/logs.tgz.
-# The backbone must be runs/pretrain/resnet18_dense.pth from pretrain.py (carry it: pretraining on the GPU
+# The backbone must be runs/pretrain/resnet18_dense.pth from study/pretrain.py (carry it: pretraining on the GPU
 # would make another backbone). The dense set is written here if missing (the same set: its digest is in the
 # ledger). Report: python analyze.py endpoint --report-only --ledger docs/study/endpoint_runs_cuda.json --lrs ...
 set -uo pipefail
@@ -24,8 +24,9 @@ DEADLINE=${DEADLINE:-100000}
 OUT=${OUT:-runs/gpu_endpoint}
 RUNS=runs/gpu_endpoint/runs
 mkdir -p "$OUT" "$RUNS"
-[ -f runs/pretrain/resnet18_dense.pth ] || { echo "runs/pretrain/resnet18_dense.pth: missing (run pretrain.py)"; exit 1; }
-$PY -c "import ablate, data, endpoint
+[ -f runs/pretrain/resnet18_dense.pth ] || { echo "runs/pretrain/resnet18_dense.pth: missing (python -m study.pretrain)"; exit 1; }
+$PY -c "import data
+from study import ablate, endpoint
 ablate.level_data('dense', 'data/dense', True, endpoint.SIZE, endpoint.ANCHORS)  # the set, once, before the runs
 data.holdout_split('data/dense', holdout=endpoint.HOLDOUT)" || exit 1
 pids=()

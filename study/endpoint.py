@@ -28,18 +28,17 @@ import time
 
 import torch
 
-import ablate
-import checkpoint as C
 import data as D
 import weights as W
-from evaluate import evaluate
-from loss import MONITOR, pull_at_prior
-from table1 import ORDER, ROWS, SEEDS, curve, figure
+from engine import evaluate, read_metrics
+from loss import MONITOR
+from study import ablate, dense
+from study.table1 import ORDER, ROWS, SEEDS, curve, figure, pull_at_prior
 
 ITERS, HOLDOUT, ENDPOINT_GAIN, LRS = 4000, 500, 0.01, (0.01, 0.02, 0.04)
 STUDY_HOURS = 12  # the issue's budget: no run starts that would end past it, counting every run in the ledger
 # The study's form of the dense set: 160 px, not the dense recipe's 192, with the anchors x5/6 and the same
-# strides, so the imbalance stays (shapes.imbalance: 22,482 negative samples per positive, 192 px: 22,327; 748
+# strides, so the imbalance stays (dense.imbalance: 22,482 negative samples per positive, 192 px: 22,327; 748
 # negative anchors per positive, 743) at 0.80x the seconds an iteration: more iterations in the 12 hours
 # (docs/study.md, "The schedule and form, revised"). The first LR runs (2,400 iterations, in the ledger) were
 # at 192 px: pilots now, which `--iters 2400` no longer matches (their flags lack FORM).
@@ -123,11 +122,11 @@ def run(args, data, row, lr, seed):
         ann, val_images = D.coco_paths(data, "val")
         model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"), on)  # train.py's device
         result["val"] = evaluate(model, D.CocoDetection(ann, val_images))
-        rows = [r for r in C.read_metrics(out) if "eval" not in r]  # the training log, by column (compact)
+        rows = [r for r in read_metrics(out) if "eval" not in r]  # the training log, by column (compact)
         result["log"] = {m: [r.get(m) for r in rows] for m in ("iter", "cls", "box", "lr", *MONITOR)}
     chip = torch.cuda.get_device_name(on) if on != "cpu" else torch.backends.cpu.get_cpu_capability()
     result.update(flags=flags, seconds=round(time.time() - t0), host=f"{platform.processor() or platform.machine()} "
-                  f"{chip}", backbone=digest(ablate.pretrain.WEIGHTS),
+                  f"{chip}", backbone=digest(dense.BACKBONE),
                   train_ann=digest(D.coco_paths(data, "train")[0]),
                   negative_samples_per_positive=args.imbalance["negative_samples_per_positive"])
     done = ledger(args.ledger)  # again: another process may have added runs meanwhile
@@ -223,7 +222,7 @@ def report(args):
 
 
 def pull(row, negatives):
-    """loss.pull_at_prior of a row's loss (None for OHEM, which samples): > 1, the scores start down."""
+    """table1.pull_at_prior of a row's loss (None for OHEM, which samples): > 1, the scores start down."""
     flags = dict(zip(ROWS[row][5][::2], ROWS[row][5][1::2]))
     if "--ohem" in flags:
         return None

@@ -6,9 +6,9 @@ tens of runs on a CPU (COCO AP 0.012 after 400 iterations). So, once, a ResNet-1
 64x64 crops of the dense set's training images, centred on its objects (30 classes) or anywhere else
 (one more class: background, clutter and the hard negatives), with softmax cross entropy: no detection
 loss is involved, so the study's losses all start from the same, neutral features, as from ImageNet.
-The trunk is saved as a torchvision ResNet state dict, which train.py --backbone-weights loads.
+The trunk is saved as a torchvision ResNet state dict, which train.py --backbone-weights loads (study.dense.DENSE).
 
-    python pretrain.py                          # data/dense -> runs/pretrain/resnet18_dense.pth (~5 minutes)
+    python -m study.pretrain                    # data/dense -> runs/pretrain/resnet18_dense.pth (~5-10 minutes)
 """
 import argparse
 import os
@@ -18,9 +18,8 @@ import torch.nn.functional as F
 import torchvision
 
 import data as D
-import shapes
+from study import dense
 
-WEIGHTS = "runs/pretrain/resnet18_dense.pth"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # model.ModelConfig's normalisation
 
 
@@ -47,7 +46,7 @@ def crops(ds, size=64, seed=0):
     return torch.stack(out), torch.tensor(labels)
 
 
-def pretrain(data="data/dense", out=WEIGHTS, epochs=8, batch_size=64, lr=0.1, seed=0):
+def pretrain(data="data/dense", out=dense.BACKBONE, epochs=8, batch_size=64, lr=0.1, seed=0):
     """Train ResNet-18 on crops of data's train split; save its trunk (no classifier) to out. Returns val accuracy."""
     torch.manual_seed(seed)
     sets = {s: D.CocoDetection(*D.coco_paths(data, s)) for s in ("train", "val")}
@@ -82,7 +81,7 @@ def pretrain(data="data/dense", out=WEIGHTS, epochs=8, batch_size=64, lr=0.1, se
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/dense", help="the dense set (written first if missing)")
-    p.add_argument("--out", default=WEIGHTS)
+    p.add_argument("--out", default=dense.BACKBONE)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -90,7 +89,7 @@ def get_args_parser():
 
 def main(args):
     if not os.path.exists(D.coco_paths(args.data, "val")[0]):
-        shapes.make_dense(args.data)
+        dense.make_dense(args.data)
     accuracy = pretrain(args.data, args.out, args.epochs, seed=args.seed)
     print(f"wrote {args.out} (val accuracy {accuracy:.3f})")
     return accuracy

@@ -1,5 +1,6 @@
-"""ablate.py (through analyze.py): seeds aggregate into mean ± std, the sweep pairs FL and CE by seed, a
-killed study resumes to the uninterrupted result, the miniature keeps to its time budget."""
+"""study/ablate.py (through analyze.py): seeds aggregate into mean ± std, the sweep pairs FL and CE by seed, a
+killed study resumes to the uninterrupted result, the miniature keeps to its time budget; study/dense.py's recipe
+reaches train.py whole."""
 import json
 import types
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 
 import analyze
+import engine
 import train
 from conftest import analyze_args as args
+from study import ablate, dense
 
 TINY = ("--arch resnet18 --norm bn --freeze-at 0 --backbone-weights none --channels 64 --head-norm gn "
         "--min-size 96 --max-size 96 --size-divisible 32 --anchor-sizes 16 32 64 128 256 --batch-size 2 "
@@ -24,7 +27,7 @@ def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
     mean, std = table["rows"]["b"]["AP"]
     assert mean == pytest.approx(np.mean(aps)) and std == pytest.approx(np.std(aps, ddof=1))
     assert [row["iter"] for row in runs["b"][0]["curve"]] == [1, 2, 3, 4]  # AP against iterations
-    assert set(runs["b"][0]["curve"][0]["shares"]) == {"CE", "FL"}
+    assert all(0 <= row["eval"]["AP"] <= 1 for row in runs["b"][0]["curve"])
     assert [row["iter"] for row in runs["f"][0]["curve"]] == [4]  # (f): the final evaluation only
     md = json.load(open(tmp_path / "ablate_quickstart.json"))["markdown"]
     assert "Table 1d, OHEM 1:3" in md and "§3.3: CE with the prior" in md and " ± " in md
@@ -36,8 +39,6 @@ def test_ablation_aggregates_seeds(tiny_shapes, tmp_path):
 
 
 def test_the_miniature_starts_no_run_past_its_40_minutes(tiny_shapes, tmp_path, monkeypatch):
-    import ablate
-
     clock, real_run = [0.0], ablate.train_run
 
     def run_of_15_minutes(out, flags):  # each run takes 15 minutes on this clock
@@ -53,12 +54,9 @@ def test_the_miniature_starts_no_run_past_its_40_minutes(tiny_shapes, tmp_path, 
 
 
 def test_sweep_pairs_fl_and_ce_by_seed_at_each_level(tiny_shapes, tmp_path, monkeypatch):
-    import ablate
-    import pretrain
-
-    backbone = tmp_path / "backbone.pth"  # stands for pretrain.py's weights; TINY trains without them
+    backbone = tmp_path / "backbone.pth"  # stands for study/pretrain.py's weights; TINY trains without them
     backbone.write_bytes(b"x")
-    monkeypatch.setattr(pretrain, "WEIGHTS", str(backbone))
+    monkeypatch.setattr(dense, "BACKBONE", str(backbone))
     monkeypatch.setattr(ablate, "LEVELS", {"one": (tiny_shapes, None, 96), "two": (tiny_shapes, None, 96)})
     sweep = ["sweep", "--iters", 4, "--seeds", 2, "--out", tmp_path, f"--train-args={TINY}"]
     table = analyze.main(args(*sweep))
@@ -76,7 +74,7 @@ def test_a_killed_study_continues_to_the_result_of_an_uninterrupted_one(tiny_sha
                                                                           crash_at):
     study = ["ablate", "--iters", 4, "--variants", "d", "--data", tiny_shapes, f"--train-args={TINY}"]
     straight = analyze.main(args(*study, "--out", tmp_path / "a"))["runs"]["d"][0]
-    calls, loss = [], train.retinanet_loss
+    calls, loss = [], engine.retinanet_loss
 
     def killed(*a, **kw):
         calls.append(1)
@@ -84,14 +82,28 @@ def test_a_killed_study_continues_to_the_result_of_an_uninterrupted_one(tiny_sha
             raise RuntimeError("killed")
         return loss(*a, **kw)
 
-    monkeypatch.setattr(train, "retinanet_loss", killed)
+    monkeypatch.setattr(engine, "retinanet_loss", killed)
     with pytest.raises(RuntimeError, match="killed"):
         analyze.main(args(*study, "--out", tmp_path / "b"))
     run_dir = tmp_path / "b" / "ablate" / "quickstart-4" / "shapes" / "d" / "seed0"
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"iter": 3, "lo')  # and the log's last line torn by the kill
-    monkeypatch.setattr(train, "retinanet_loss", loss)
+    monkeypatch.setattr(engine, "retinanet_loss", loss)
     resumed = analyze.main(args(*study, "--out", tmp_path / "b"))["runs"]["d"][0]
     assert resumed["stats"] == straight["stats"] and resumed["curve"] == straight["curve"]
     with pytest.raises(ValueError, match="made with other flags"):  # a folder is never reused for other settings
         analyze.main(args(*study[:-1], f"--train-args={TINY} --lr 0.5", "--out", tmp_path / "b"))
+
+
+def test_the_dense_recipe_reaches_train_py_spelled_out_and_the_runs_flags_override_it():
+    """The study's runs say `--preset dense` (their flags, the ledger); train.py, which has no such preset, gets
+    DENSE's every value, and a run's own flags after it win."""
+    run = ["--preset", "dense", "--data", "data/dense", "--lr", "0.02", "--steps", "3000", "3600"]
+    args = train.fill_defaults(train.get_args_parser().parse_args(dense.train_flags(run)))
+    assert {k: getattr(args, k) for k in dense.DENSE if k not in ("lr", "steps")} == {
+        k: v for k, v in dense.DENSE.items() if k not in ("lr", "steps")}
+    assert args.lr == 0.02 and args.steps == [3000, 3600] and args.data == "data/dense"
+    quick = ["--preset", "quickstart", "--iters", "4"]
+    assert dense.train_flags(quick) == quick  # train.py's own presets pass through
+    with pytest.raises(SystemExit):  # and train.py itself knows no dense preset
+        train.get_args_parser().parse_args(run)

@@ -1,14 +1,13 @@
-"""pretrain.py: crops centred on the dense set's objects and on background, and a trunk train.py loads."""
+"""study/pretrain.py: crops centred on the dense set's objects and on background, and a trunk train.py loads."""
 import torch
 
 import data as D
-import pretrain
-import shapes
 from backbone import Backbone
+from study import dense, pretrain
 
 
 def test_crops_are_centred_on_each_object_and_one_background_an_image(tmp_path):
-    root = shapes.make_dense(str(tmp_path / "dense"), num_train=6, num_val=2, seed=4)
+    root = dense.make_dense(str(tmp_path / "dense"), num_train=6, num_val=2, seed=4)
     ds = D.CocoDetection(*D.coco_paths(root, "train"))
     images, labels = pretrain.crops(ds, size=64)
     objects = sum(len(b) for b, _ in ds.targets)
@@ -26,7 +25,7 @@ def test_crops_are_centred_on_each_object_and_one_background_an_image(tmp_path):
 
 
 def test_the_pretrained_trunk_loads_as_a_frozen_backbone(tmp_path):
-    root = shapes.make_dense(str(tmp_path / "dense"), num_train=8, num_val=2, seed=5)
+    root = dense.make_dense(str(tmp_path / "dense"), num_train=8, num_val=2, seed=5)
     out = str(tmp_path / "resnet18.pth")
     accuracy = pretrain.pretrain(root, out, epochs=1, batch_size=4)
     assert 0 <= accuracy <= 1

@@ -1,4 +1,4 @@
-"""The two sides of each row of bench.py: torchvision's RetinaNet and ours with the same weights, and
+"""The two sides of each row of tools/bench.py: torchvision's RetinaNet and ours with the same weights, and
 for each measurement a pair of callables (torchvision's, ours) with the check that their results agree.
 
 Nothing here times anything; bench.py races the pairs.
@@ -17,13 +17,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import anchors as A
 import model as M
-import recipes
+import train
 import weights as W
-from loss import focal_loss, retinanet_loss
+from loss import LossConfig, fused_focal_loss, retinanet_loss
 
 
 def make_pair(size, device, seed=0):
-    """torchvision's retinanet_resnet50_fpn as one fine-tunes it, and ours with its weights."""
+    """torchvision's retinanet_resnet50_fpn as one fine-tunes it, ours with its weights, and the loss
+    torchvision's computes as a LossConfig (its L1 box loss): (tv, ours, loss_cfg)."""
     torch.manual_seed(seed)
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80, min_size=size[0],
                                 max_size=size[1], detections_per_img=100)
@@ -42,13 +43,14 @@ def make_pair(size, device, seed=0):
     cfg = ours.cfg
 
     tv.anchor_generator.forward = _exact_anchors(cfg)  # the same anchors for both, so detections can be compared
-    return tv.to(device), ours.to(device)
+    return tv.to(device), ours.to(device), W.torchvision_loss(1)
 
 
 def make_quickstart_pair(device, num_classes=4, seed=0):
-    """The quick start's detector (recipes.QUICKSTART: ResNet-18 with trainable BN, 64-channel FPN, GroupNorm
-    heads, anchors 16-256, 160 px) built from torchvision's parts, and ours with its weights, in training mode."""
-    q = recipes.QUICKSTART
+    """The quick start's detector (train.QUICKSTART: ResNet-18 with trainable BN, 64-channel FPN, GroupNorm
+    heads, anchors 16-256, 160 px) built from torchvision's parts, and ours with its weights, in training mode,
+    and the loss both compute: (tv, ours, loss_cfg)."""
+    q = train.QUICKSTART
     torch.manual_seed(seed)
     body = resnet18(weights=None)  # trainable BatchNorm2d, as the quick start trains from scratch
     c = q["channels"]
@@ -59,12 +61,12 @@ def make_quickstart_pair(device, num_classes=4, seed=0):
     tv = RetinaNet(backbone, num_classes, min_size=q["min_size"], max_size=q["max_size"], head=head)
     cfg = M.ModelConfig(num_classes=num_classes, arch=q["arch"], norm=q["norm"], freeze_at=q["freeze_at"],
                         channels=c, head_norm=q["head_norm"], anchor_sizes=tuple(q["anchor_sizes"]),
-                        min_size=q["min_size"], max_size=q["max_size"], size_divisible=q["size_divisible"],
-                        smooth_l1_beta=1.0)  # ours is 0.11 (Detectron); equal betas, equal losses
+                        min_size=q["min_size"], max_size=q["max_size"], size_divisible=q["size_divisible"])
     ours = M.RetinaNet(cfg)
     ours.load_state_dict({W.torchvision_key(k): v for k, v in tv.state_dict().items()}, strict=True)
     tv.anchor_generator.forward = _exact_anchors(cfg)
-    return tv.to(device).train(), ours.to(device).train()
+    loss_cfg = LossConfig(smooth_l1_beta=1.0)  # torchvision's smooth L1 has beta 1, ours 0.11 (Detectron)
+    return tv.to(device).train(), ours.to(device).train(), loss_cfg
 
 
 def _exact_anchors(cfg):
@@ -86,7 +88,7 @@ def random_targets(n, size, g, num_classes=80, low=2, high=8):
     return out
 
 
-def train_steps(tv, ours, images, targets, amp=False):
+def train_steps(tv, ours, loss_cfg, images, targets, amp=False):
     """One SGD step of each: forward, loss, backward, step (the same preprocessing as torchvision's)."""
     dev = images[0].device
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -108,7 +110,7 @@ def train_steps(tv, ours, images, targets, amp=False):
             cls_logits, box_deltas = ours(batch)
         anchors, _ = M.make_anchors(ours.cfg, batch.shape[-2:], dev)
         losses = retinanet_loss(cls_logits, box_deltas, anchors, [t["boxes"] for t in targets],
-                                [t["labels"] for t in targets], **ours.cfg.loss_args())
+                                [t["labels"] for t in targets], loss_cfg)
         opts[1].zero_grad(set_to_none=True)
         (losses["cls"] + losses["box"]).backward()
         opts[1].step()
@@ -117,7 +119,7 @@ def train_steps(tv, ours, images, targets, amp=False):
     return tv_step, our_step
 
 
-def check_train_losses(tv, ours, images, targets, amp=False):
+def check_train_losses(tv, ours, loss_cfg, images, targets, amp=False):
     """torchvision divides each image's loss by its own foreground count and averages the images; ours
     divides the batch by all of them (Detectron). Fed one image at a time, the two must agree: within
     1e-4 relative in float32, within 1e-2 under autocast (each model rounds its own way to 16 bits)."""
@@ -129,8 +131,7 @@ def check_train_losses(tv, ours, images, targets, amp=False):
             batch, _ = M.preprocess([img], ours.cfg)
             cls_logits, box_deltas = ours(batch)
             anchors, _ = M.make_anchors(ours.cfg, batch.shape[-2:], img.device)
-            got = retinanet_loss(cls_logits, box_deltas, anchors, [tgt["boxes"]], [tgt["labels"]],
-                                 **ours.cfg.loss_args())
+            got = retinanet_loss(cls_logits, box_deltas, anchors, [tgt["boxes"]], [tgt["labels"]], loss_cfg)
         for a, b in ((got["cls"], expected["classification"]), (got["box"], expected["bbox_regression"])):
             worst = max(worst, abs(a.item() - b.item()) / abs(b.item()))
     return worst < tol, f"max relative loss difference {worst:.1e}" + (" (mixed precision)" if amp else "")
@@ -174,17 +175,21 @@ def same_detections(expected, got, score_atol=1e-5, box_atol=1e-3, box_rtol=1e-6
         return False, f"detections differ: boxes up to {box:.1e} px apart"
     return True, f"the same {n} detections (boxes within {box:.0e} px, scores within {score:.0e})"
 
+
 def focal_pair(shape, device, g):
+    """torchvision's sigmoid_focal_loss and ours as training runs it (fused_focal_loss), summed, forward and
+    backward: each returns (loss, gradient)."""
     logits = (torch.randn(shape, generator=g) * 2 - 3).to(device)
     targets = (torch.rand(shape, generator=g) < 2e-4).float().to(device)
 
     def run(fn):
         x = logits.clone().requires_grad_()
-        loss = fn(x, targets, reduction="sum")
+        loss = fn(x, targets)
         loss.backward()
         return loss.detach(), x.grad
 
-    return lambda: run(sigmoid_focal_loss), lambda: run(focal_loss)
+    return (lambda: run(lambda x, t: sigmoid_focal_loss(x, t, reduction="sum")),
+            lambda: run(lambda x, t: fused_focal_loss(x, t).sum()))
 
 
 def match_pair(cfg, size, n, device, g):

@@ -1,14 +1,14 @@
 """This RetinaNet against torchvision's, side by side: the same weights, the same inputs, equal results.
 
-    python bench.py                   # the full table on this machine's CPU
-    python bench.py --quick           # small inputs, one repeat: a smoke test of the whole table
-    python bench.py --device cuda     # on a GPU, with AMP rows
+    python -m tools.bench                   # the full table on this machine's CPU
+    python -m tools.bench --quick           # small inputs, one repeat: a smoke test of the whole table
+    python -m tools.bench --device cuda     # on a GPU, with AMP rows
 
 Both models hold the same weights (ours converted with weights.from_torchvision) and torchvision's usual
 fine-tuning setup: frozen batch norm, stem and res2 frozen, 80 classes. They alternate over --repeats
 after a warm-up; the table gives the medians and ours / torchvision, and each row says whether the
 two results agreed (losses within 1e-4 relative, the same detections, the same assignments).
-One row races the quick start's training iteration (recipes.QUICKSTART: ResNet-18 from scratch, 16 images of
+One row races the quick start's training iteration (train.QUICKSTART: ResNet-18 from scratch, 16 images of
 160 px) against the same detector built from torchvision's parts, ours in the layout train.py picks.
 The pairs and their checks are in bench_pairs.py.
 Peak memory is measured in a fresh process per model. The table also goes to bench.json.
@@ -25,12 +25,13 @@ import time
 
 import torch
 
-import bench_pairs as P
 import data as D
 import export
-import model as M
-import recipes
+import train
 import weights as W
+from tools import bench_pairs as P
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FULL = dict(train_size=512, infer_size=(800, 1216), infer_batch=4, focal=(2, 120000, 80), match_images=8,
             match_size=(800, 1333), repeats=5, warmup=1, memory_runs=3, quickstart_batch=16)
@@ -62,10 +63,10 @@ def memory_mb(field):
 
 def peak_memory(which, size):
     """Run in a fresh process: how far one training step (after a warm-up step) raises the resident set."""
-    tv, ours = P.make_pair((size, size), torch.device("cpu"))
+    pair = P.make_pair((size, size), torch.device("cpu"))
     images = [torch.rand(3, size, size) for _ in range(2)]
     targets = P.random_targets(2, (size, size), torch.Generator().manual_seed(1))
-    step = P.train_steps(tv, ours, images, targets)[which == "ours"]
+    step = P.train_steps(*pair, images, targets)[which == "ours"]
     step()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so that the step must ask for its own
     with open("/proc/self/clear_refs", "w") as f:
@@ -112,36 +113,36 @@ def main(args):
               f"(target <= {target}); {check[1]}", flush=True)
 
     s = p["train_size"]
-    tv, ours = P.make_pair((s, s), device)
+    pair = P.make_pair((s, s), device)  # (torchvision's, ours, torchvision's loss settings)
     images = [torch.rand(3, s, s, generator=g).to(device) for _ in range(2)]
     targets = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(2, (s, s), g)]
-    check = P.check_train_losses(tv, ours, images, targets)
-    row(f"training step: ResNet-50, 2 x {s}x{s}, 80 classes", race(*P.train_steps(tv, ours, images, targets),
+    check = P.check_train_losses(*pair, images, targets)
+    row(f"training step: ResNet-50, 2 x {s}x{s}, 80 classes", race(*P.train_steps(*pair, images, targets),
                                                                   p["repeats"], p["warmup"], device), check, 0.6)
     if device.type == "cuda":
-        row(f"training step with AMP, 2 x {s}x{s}", race(*P.train_steps(tv, ours, images, targets, amp=True),
+        row(f"training step with AMP, 2 x {s}x{s}", race(*P.train_steps(*pair, images, targets, amp=True),
                                                          p["repeats"], p["warmup"], device),
-            P.check_train_losses(tv, ours, images, targets, amp=True), 0.6)
-    tv_q, ours_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
-    if M.channels_last("auto", device):
+            P.check_train_losses(*pair, images, targets, amp=True), 0.6)
+    tv_q, ours_q, loss_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
+    if train.channels_last("auto", device):
         ours_q = ours_q.to(memory_format=torch.channels_last)
-    n, q = p["quickstart_batch"], recipes.QUICKSTART["min_size"]
+    n, q = p["quickstart_batch"], train.QUICKSTART["min_size"]
     images_q = [torch.rand(3, q, q, generator=g).to(device) for _ in range(n)]
     targets_q = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(n, (q, q), g, num_classes=4)]
-    ok, message = P.check_train_losses(tv_q, ours_q, images_q, targets_q)
-    times = race(*P.train_steps(tv_q, ours_q, images_q, targets_q), p["repeats"], p["warmup"], device)
+    ok, message = P.check_train_losses(tv_q, ours_q, loss_q, images_q, targets_q)
+    times = race(*P.train_steps(tv_q, ours_q, loss_q, images_q, targets_q), p["repeats"], p["warmup"], device)
     row(f"quick start's training iteration: ResNet-18, {n} x {q}x{q}, 4 classes", times,
         (ok, f"{message}; {n / times[1]:.1f} vs {n / times[0]:.1f} images/s"), 1.0)
     if device.type == "cuda":  # the memory row, measured now on this training pair, is printed last
-        peaks, how = [cuda_peak_memory(step) for step in P.train_steps(tv, ours, images, targets)], "CUDA allocated"
+        peaks, how = [cuda_peak_memory(step) for step in P.train_steps(*pair, images, targets)], "CUDA allocated"
     else:
-        cmd = [sys.executable, os.path.abspath(__file__), "--size", str(s), "--peak-memory"]
-        peaks = [statistics.median(float(subprocess.run(cmd + [which], capture_output=True, text=True,
-                                                        check=True).stdout) for _ in range(p["memory_runs"]))
+        cmd = [sys.executable, "-m", "tools.bench", "--size", str(s), "--peak-memory"]
+        peaks = [statistics.median(float(subprocess.run(cmd + [which], capture_output=True, text=True, check=True,
+                                                        cwd=ROOT).stdout) for _ in range(p["memory_runs"]))
                  for which in ("torchvision", "ours")]
         how = f"resident set, median of {p['memory_runs']} fresh processes"
     h, w = p["infer_size"]
-    tv, ours = P.make_pair((h, w), device)
+    tv, ours, _ = P.make_pair((h, w), device)
     ours = ours.for_inference()  # as infer.py and app.py run it: frozen BN folded, channels-last
     batches = {n: [torch.rand(3, h, w, generator=g).to(device) for _ in range(n)] for n in (1, p["infer_batch"])}
     for n, imgs in batches.items():

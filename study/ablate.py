@@ -19,12 +19,11 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-import checkpoint as C
 import data as D
-import pretrain
-import recipes
 import shapes
 import train
+from engine import read_metrics
+from study import dense, pretrain
 
 VARIANTS = {  # name -> (the paper's table and row, the loss, train.py flags)
     "a": ("§3.3, §5.1: CE without the prior", "CE, bias 0 (no prior)", ["--gamma", "0", "--alpha", "none",
@@ -48,18 +47,18 @@ LEVELS = {"shapes": ("data/shapes", None, 160), "dense6": ("data/dense6", 6, 192
 
 def level_data(level, path=None, write=True, size=None, anchors=None):
     """The data folder of a level (or `path`), written first if missing (and the pretrained backbone the
-    dense recipe starts from) unless not `write`, and its imbalance as shapes.imbalance counts it (at the
+    dense recipe starts from) unless not `write`, and its imbalance as dense.imbalance counts it (at the
     level's size and the dense recipe's anchors, or at `size` and `anchors`: another form of the set)."""
     default, classes, level_size = LEVELS[level]
-    size, anchors = size or level_size, tuple(anchors or recipes.DENSE["anchor_sizes"])
+    size, anchors = size or level_size, tuple(anchors or dense.DENSE["anchor_sizes"])
     path = path or default
     if not os.path.exists(D.coco_paths(path, "val")[0]):
         if not write:
             raise ValueError(f"{path}: not written yet, so no run on it has finished")
-        shapes.make_shapes(path) if classes is None else shapes.make_dense(path, num_classes=classes)
-    if write and not os.path.exists(pretrain.WEIGHTS):
+        shapes.make_shapes(path) if classes is None else dense.make_dense(path, num_classes=classes)
+    if write and not os.path.exists(dense.BACKBONE):
         pretrain.main(pretrain.get_args_parser().parse_args([]))
-    return path, shapes.imbalance(shapes.training_view(path, size), anchors)
+    return path, dense.imbalance(dense.training_view(path, size), anchors)
 
 
 def settings(flags):
@@ -69,13 +68,14 @@ def settings(flags):
 
     data = flags[flags.index("--data") + 1]
     return {"flags": flags, "files": [stamp(D.coco_paths(data, s)[0]) for s in ("train", "val")] + [stamp(
-        pretrain.WEIGHTS)]}
+        dense.BACKBONE)]}
 
 
 def train_run(out, flags):
-    """One run of a study, resumable; its result (final COCO numbers, AP and loss shares at the evaluation
-    points) in out/result.json, also when it diverged. Returns that result. A folder whose saved settings
-    (flags, data, backbone) differ from these is refused: its result or checkpoint belongs to another run."""
+    """One run of a study, resumable; its result (final COCO numbers, AP at the evaluation points) in
+    out/result.json, also when it diverged. Returns that result. A folder whose saved settings (flags, data,
+    backbone) differ from these is refused: its result or checkpoint belongs to another run. flags name the
+    study's recipe as `--preset dense`; train.py gets it spelled out (dense.train_flags)."""
     path, saved = os.path.join(out, "result.json"), os.path.join(out, "settings.json")
     if os.path.exists(saved):
         with open(saved) as f:
@@ -90,8 +90,8 @@ def train_run(out, flags):
             return json.load(f)
     resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
     try:
-        stats = train.main(train.get_args_parser().parse_args(flags + ["--out", out] + resume))["stats"]
-        result = {"stats": stats, "curve": [row for row in C.read_metrics(out) if "eval" in row]}
+        run = train.main(train.get_args_parser().parse_args(dense.train_flags(flags) + ["--out", out] + resume))
+        result = {"stats": run["stats"], "curve": [row for row in read_metrics(out) if "eval" in row]}
     except FloatingPointError as e:  # CE without the prior can diverge (§5.1)
         result = {"diverged": str(e).split(";")[0]}
     D.write_json(path, result)
@@ -116,8 +116,8 @@ def study(args, recipe, level, variants, seeds_of):
     if recipe == "dense":
         data = level_data(level, args.data, write=not args.report_only)[0]
     else:
-        data = args.data or recipes.SYNTHETIC[recipe][0]
-    size = str(LEVELS[level][2]) if recipe == "dense" else str(recipes.PRESETS[recipe]["min_size"])
+        data = args.data or train.QUICKSTART_DATA
+    size = str(LEVELS[level][2]) if recipe == "dense" else str(train.QUICKSTART["min_size"])
     evals = [round(args.iters * k / 4) for k in (1, 2, 3)]
     base = ["--preset", recipe, "--iters", str(args.iters), "--steps", str(args.iters * 3 // 4),
             str(args.iters * 9 // 10), "--ckpt-every", str(max(1, args.iters // 4)), "--min-size", size, "--max-size",

@@ -1,6 +1,7 @@
-"""endpoint.py (Table 1 at the endpoint): the held-out split, the endpoint rule, the LR choice, and a study
+"""study/endpoint.py (Table 1 at the endpoint): the held-out split, the endpoint rule, the LR choice, and a study
 that chooses on held-out pictures, reuses its LR runs as the table's seed 0 and never reruns a finished run."""
 import json
+import math
 import shutil
 import types
 
@@ -9,12 +10,10 @@ from test_ablate import TINY
 
 import analyze
 import data as D
-import endpoint as E
-import pretrain
-import recipes
-import shapes
 import train
 from conftest import analyze_args as args
+from study import ablate, dense
+from study import endpoint as E
 
 
 def test_holdout_split_is_disjoint_covers_the_training_pictures_and_is_the_same_each_time(tiny_shapes, tmp_path):
@@ -75,29 +74,42 @@ def test_given_lrs_and_one_seed_plan_a_block_of_runs_without_the_lr_stage(tmp_pa
 
 def test_study_chooses_on_held_out_pictures_reuses_lr_runs_and_never_reruns(tiny_shapes, tmp_path, monkeypatch):
     root = shutil.copytree(tiny_shapes, tmp_path / "set")
-    (tmp_path / "backbone.pth").write_bytes(b"x")  # stands for pretrain.py's weights; TINY trains without them
-    monkeypatch.setattr(pretrain, "WEIGHTS", str(tmp_path / "backbone.pth"))
+    (tmp_path / "backbone.pth").write_bytes(b"x")  # stands for study/pretrain.py's weights; TINY trains without them
+    monkeypatch.setattr(dense, "BACKBONE", str(tmp_path / "backbone.pth"))
     monkeypatch.setattr(E, "HOLDOUT", 3)
     monkeypatch.setattr(E, "LRS", (0.02, 0.08))
     monkeypatch.setattr(E, "SEEDS", {"d": 1})  # (d): its LR run only; (b): a second seed
     trained, real = [], train.main
     monkeypatch.setattr(train, "main", lambda a: trained.append(a) or real(a))
+    # Each run trains for real; its APs are then set so that held-out pictures pick one LR per family and the val
+    # pictures would pick the other: the choice must be the held-out one
+    held_ap = {("b", "0.02"): 0.30, ("b", "0.08"): 0.10, ("d", "0.02"): 0.20, ("d", "0.08"): 0.40}
+    val_ap = {("b", "0.02"): 0.10, ("b", "0.08"): 0.30, ("d", "0.02"): 0.40, ("d", "0.08"): 0.20}
+    current, real_run, real_evaluate = [], ablate.train_run, E.evaluate
+
+    def train_run(out, flags):
+        result = real_run(out, flags)
+        current.append(("b" if flags[flags.index("--gamma") + 1] == "0" else "d", flags[flags.index("--lr") + 1]))
+        return {**result, "stats": {**result["stats"], "AP": held_ap[current[-1]]}}
+
+    monkeypatch.setattr(ablate, "train_run", train_run)
+    monkeypatch.setattr(E, "evaluate", lambda model, ds: {**real_evaluate(model, ds), "AP": val_ap[current[-1]]})
     study = ["endpoint", "--iters", 8, "--data", root, "--out", tmp_path, "--ledger", tmp_path / "ledger.json",
-             "--rows", "b", "d", f"--train-args={TINY}"]
+             "--rows", "b", "d", f"--train-args={TINY} --log-every 1"]
     table = analyze.main(args(*study))
+    assert table["lrs"] == {"CE": 0.02, "FL": 0.08}  # the held-out pictures' choice (val's: CE 0.08, FL 0.02)
     ledger = json.load(open(tmp_path / "ledger.json"))
     assert len(trained) == 5 and sorted(ledger) == sorted(
-        [f"{r}/lr{lr:g}/seed0/8" for r in "bd" for lr in (0.02, 0.08)] + [f"b/lr{table['lrs']['CE']:g}/seed1/8"])
+        [f"{r}/lr{lr:g}/seed0/8" for r in "bd" for lr in (0.02, 0.08)] + ["b/lr0.02/seed1/8"])
     held = json.load(open(D.holdout_split(root)[1]))
     assert all(a.val_ann.endswith("instances_train_holdout.json") for a in trained)  # decisions: held-out only
     assert {i["id"] for i in held["images"]}.isdisjoint(
         i["id"] for i in json.load(open(trained[0].train_ann))["images"])
-    oracle = {fam: {lr: ledger[f"{row}/lr{lr:g}/seed0/8"]["stats"]["AP"] for lr in (0.02, 0.08)}
-              for fam, row in (("CE", "b"), ("FL", "d"))}
-    assert table["lrs"] == E.choose_lrs(oracle)
-    run = ledger[f"d/lr{table['lrs']['FL']:g}/seed0/8"]
-    assert [it for it, _ in E.curve(run)] == E.eval_points(8) and set(run["val"]) >= {"AP", "AP50"}
-    assert {"pos_logit", "neg_logit", "scored_above_0.05"} <= set(run["log"]) and run["log"]["iter"][-1] == 8
+    run = ledger["d/lr0.08/seed0/8"]
+    assert [it for it, _ in E.curve(run)] == E.eval_points(8) and run["val"]["AP"] == 0.2 and "AP50" in run["val"]
+    # the log is train.py's: at its first iteration every logit is still near the prior's, -log(99) (§3.3)
+    assert run["log"]["iter"] == list(range(1, 9)) and run["log"]["scored_above_0.05"][0] == 0
+    assert run["log"]["neg_logit"][0] == pytest.approx(-math.log(99), abs=0.05)
     assert table["rows"]["b"]["seeds"] == 2 and table["rows"]["d"]["seeds"] == 1
     assert analyze.main(args(*study)) == table and len(trained) == 5  # finished: never trained again
     assert analyze.main(args(*study, "--report-only")) == table
@@ -131,12 +143,12 @@ def test_table_puts_each_row_beside_the_paper_relative_to_fl_gamma_2():
 
 
 def test_the_study_form_keeps_the_dense_recipes_imbalance_at_fewer_pixels(tmp_path):
-    shapes.make_dense(tmp_path, num_train=120, num_val=1)  # the dense set, smaller: same generator, same seed
-    dense = shapes.imbalance(shapes.training_view(tmp_path, recipes.DENSE["min_size"]), recipes.DENSE["anchor_sizes"])
-    form = shapes.imbalance(shapes.training_view(tmp_path, E.SIZE), E.ANCHORS)
-    assert E.SIZE < recipes.DENSE["min_size"] and form["anchors_per_image"] < dense["anchors_per_image"]
+    dense.make_dense(tmp_path, num_train=120, num_val=1)  # the dense set, smaller: same generator, same seed
+    recipe = dense.imbalance(dense.training_view(tmp_path, dense.DENSE["min_size"]), dense.DENSE["anchor_sizes"])
+    form = dense.imbalance(dense.training_view(tmp_path, E.SIZE), E.ANCHORS)
+    assert E.SIZE < dense.DENSE["min_size"] and form["anchors_per_image"] < recipe["anchors_per_image"]
     for k in ("negative_samples_per_positive", "negative_anchors_per_positive"):
-        assert form[k] == pytest.approx(dense[k], rel=0.05)
+        assert form[k] == pytest.approx(recipe[k], rel=0.05)
 
 
 def test_the_lr_table_names_each_runs_backbone():  # pretrain.py's weights differ from host to host
@@ -150,14 +162,16 @@ def test_the_lr_table_names_each_runs_backbone():  # pretrain.py's weights diffe
 def test_the_study_starts_no_run_past_its_hours(tiny_shapes, tmp_path, monkeypatch):
     root = shutil.copytree(tiny_shapes, tmp_path / "set")
     (tmp_path / "backbone.pth").write_bytes(b"x")
-    monkeypatch.setattr(pretrain, "WEIGHTS", str(tmp_path / "backbone.pth"))
+    monkeypatch.setattr(dense, "BACKBONE", str(tmp_path / "backbone.pth"))
     monkeypatch.setattr(E, "HOLDOUT", 3)
-    clock = iter(range(0, 10**9, 1000))  # a fake clock: every reading 1,000 s on, so a run takes thousands
+    clock = iter(range(0, 10**9, 1000))  # a fake clock: every reading 1,000 s on, so a run takes 1,000 s
     monkeypatch.setattr(E, "time", types.SimpleNamespace(time=lambda: next(clock)))
-    (tmp_path / "ledger.json").write_text(json.dumps({"b/lr0.01/seed0/2400": {"seconds": 3600 * 11.9}}))
+    (tmp_path / "ledger.json").write_text(json.dumps({"b/lr0.01/seed0/2400": {"seconds": 3600 * 11.5}}))
     analyze.main(args("endpoint", "--stage", "lr", "--iters", 8, "--data", root, "--out", tmp_path, "--ledger",
                       tmp_path / "ledger.json", f"--train-args={TINY}"))
-    assert len(json.load(open(tmp_path / "ledger.json"))) == 2  # the pilot and one run: the next would end past 12
+    ledger = json.load(open(tmp_path / "ledger.json"))
+    # the pilot and one run: 11.5 h + 1,000 s = 11.78 h spent, under 12, but the next run would end at 12.06
+    assert len(ledger) == 2 and ledger["b/lr0.04/seed0/8"]["seconds"] == 1000
 
 
 def test_the_study_stops_before_a_run_that_would_end_past_its_hours():

@@ -1,13 +1,18 @@
 """Table 1's rows (§5.1; Table 1a, 1b, 1d): the paper's AP of each, and the train.py flags that make it on the
-dense set; and the figure of their runs (AP against iterations, the classifier's log). endpoint.py trains them;
-its tables put each beside the paper's, relative to FL γ = 2.
+dense set; each loss's pull at the prior (a column of the table); and the figure of their runs (AP against
+iterations, the classifier's log). endpoint.py trains them; its tables put each beside the paper's, relative to
+FL γ = 2.
 
 A row's family (CE or FL) decides which learning rate it takes: the one chosen for (b) CE with the prior,
 or for (d) FL γ = 2 (endpoint.chosen).
 """
+import math
+
 import matplotlib.pyplot as plt
+import torch
 
 import data as D
+from loss import focal_loss
 
 CE, FL = ("--gamma", "0", "--alpha", "none"), ("--alpha", "0.25")
 ROWS = {  # name -> (loss, the paper's row, its AP, that table's FL γ = 2 AP, family, train.py flags); §5.1
@@ -28,6 +33,15 @@ SEEDS = {"b": 3, "c": 3, "d": 3}  # the others: 2
 # The order the table's runs go in: (b) and (d) first, then the rows the issue would cut last if the study ran
 # over its 12 hours (cut first: e0.5, then e5, the α grid, OHEM 1:3), so that a budget that runs out cuts them.
 ORDER = ("b", "d", "c", "e1", "a", "g", "f", "c.9", "c.5", "c.25", "e5", "e0.5")
+
+
+def pull_at_prior(gamma, alpha, negatives_per_positive, prior=0.01):
+    """How much harder the negatives pull every score down than the positives pull theirs up at the start of
+    training (§3.3): Σ|∂FL/∂x| over a positive's negative samples over its own, every logit at the prior's."""
+    x = torch.full((2,), -math.log((1 - prior) / prior), dtype=torch.float64, requires_grad=True)  # §3.3
+    focal_loss(x, torch.tensor([1.0, 0.0], dtype=torch.float64), alpha, gamma).backward()  # a positive, a negative
+    positive, negative = x.grad.abs().tolist()
+    return negatives_per_positive * negative / positive
 
 
 def curve(result):

@@ -1,0 +1,232 @@
+"""The training loop and COCO evaluation (§4.1 "Optimization", §5), as DETR's engine.py: train.py sets a run
+up and calls `train`; `train_one_step` is one iteration's work; `evaluate` scores a model with pycocotools,
+also for analyze.py and infer.py's tests.
+
+    python train.py                                                           # trains, evaluates at the end
+    python train.py --eval-only --weights runs/quickstart/checkpoint.pt       # evaluate only
+    python analyze.py eval --weights CKPT --data DATA --split val2017
+
+Evaluation: the model detects on each image (model.detect), its labels become the dataset's category ids
+through the checkpoint's own `category_ids` (a model trained on COCO knows COCO's ids; torchvision's
+91 outputs are indexed by category id), and pycocotools scores the results (data.coco_evaluate).
+A model whose classes are not the dataset's is refused before any image is run.
+
+A run's log, OUT/metrics.jsonl, has a row every --log-every iterations (losses, LR, images/s, the
+gradient norm and the classifier's monitor) and one at each evaluation; OUT/loss.png draws it.
+"""
+import json
+import math
+import os
+import time
+
+import matplotlib
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+import model as M
+import weights as W
+from loss import MONITOR, retinanet_loss
+
+
+def print0(*a, **kw):
+    """print on rank 0 only (on every process without DDP)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, start, iters, out, batch_size,
+          log_every=20, ckpt_every=1000, eval_at=(), final_eval=True, eval_workers=0, run_args=None):
+    """The loop (§4.1), from iteration `start` to `iters`: a step an iteration; a log row every log_every; COCO
+    evaluations at eval_at and at the end (final_eval); a checkpoint every ckpt_every and at the end, to
+    out/checkpoint.pt with run_args (train.py's flags). A non-finite loss or gradient stops the run before its
+    step writes NaN into the weights, naming the last good checkpoint. Returns the last evaluation's COCO
+    numbers (None without one)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = M.model_device(model)
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+                 if dist.is_initialized() else model)
+    ckpt_path, last_good, stats, t0, anchors = os.path.join(out, "checkpoint.pt"), None, None, time.time(), {}
+    pixels = [0, 0]  # in the batches, of the images: 1.0 would be no padding
+    bar = tqdm(total=iters, initial=start, disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    for it, (images, targets) in zip(range(start, iters), loader):
+        pixels[0] += images[:, 0].numel()
+        pixels[1] += sum(h * w for h, w in (t["size"] for t in targets))
+        values = train_one_step(ddp_model, model.cfg, loss_cfg, images, targets, optimizer, scaler, anchors)
+        where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"iteration {it}: loss is {values['loss']}; stopped. Last good checkpoint: "
+                                     f"{where}")
+        if values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
+            raise FloatingPointError(f"iteration {it}: gradient norm is {values['grad_norm']} with a finite loss "
+                                     f"({values['loss']:.4g}); stopped. Last good checkpoint: {where}")
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        done = it + 1
+        if rank == 0 and (done % log_every == 0 or done == iters):
+            speed, lr = (done - start) * batch_size / (time.time() - t0), scheduler.get_last_lr()[0]
+            log(out, {"iter": done, **values, "lr": lr, "img_per_s": float(f"{speed:.3g}"),
+                      "pixels_per_image_pixel": round(pixels[0] / pixels[1], 4)})
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.4f}", img_s=f"{speed:.1f}")
+        bar.update(1)
+        if done in eval_at or (done == iters and final_eval):  # AP against iterations
+            t_eval = time.time()
+            stats = evaluate(model, val_ds, rank=rank, world=world, workers=eval_workers,
+                             out_dir=out if done == iters else None)
+            t0 += time.time() - t_eval  # images/s counts training time only
+            if rank == 0:
+                log(out, {"iter": done, "eval": stats})
+        if done % ckpt_every == 0 or done == iters:
+            W.check_finite(model, done, where)  # on every rank: the weights are the same on all
+            if rank == 0:
+                W.save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, loss_cfg, run_args)
+            last_good = done
+    bar.close()
+    if rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        plot_losses(out)
+    print0(f"trained {iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}; "
+           f"{pixels[0] / max(pixels[1], 1):.3f} batch pixels per image pixel (padding)")
+    return stats
+
+
+def train_one_step(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchors):
+    """One iteration's forward, loss (§4 "Training") and backward, not yet the optimizer's step. Returns the
+    loss and its parts (all-reduced: every process sees the same), the gradient norm (None under AMP, whose
+    scaler skips non-finite steps itself) and the classifier's monitor (this process's images), as floats."""
+    device = M.model_device(model)
+    x = M.normalize(images.to(device, non_blocking=True), cfg)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):  # the scaler: on with --amp
+        cls_logits, box_deltas = model(x)
+    if x.shape[-2:] not in anchors:  # one set of anchors a padded size
+        anchors[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
+    boxes, labels = [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets]
+    losses = retinanet_loss(cls_logits, box_deltas, anchors[x.shape[-2:]], boxes, labels, loss_cfg,
+                            reduce_num_fg=all_reduce_mean)
+    loss = losses["cls"] + losses["box"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    grads = [] if scaler.is_enabled() else [p.grad for g in optimizer.param_groups for p in g["params"]
+                                             if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+    loss_value, cls_value, box_value, grad_norm, *watch = torch.cat([  # one device sync for all
+        all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach()), norm.reshape(1),
+        losses["monitor"]]).tolist()
+    return {"loss": loss_value, "cls": cls_value, "box": box_value, "grad_norm": None if not grads else grad_norm,
+            **{k: None if math.isnan(v) else round(v, 5) for k, v in zip(MONITOR, watch)}}
+
+
+def all_reduce_mean(x):
+    """The mean of x over the processes (DDP; one process: x as is): the loss normaliser and the logged losses."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+def category_ids(cfg, ds):
+    """The dataset category id of each of the model's labels, checked: every category of the dataset
+    must be one the model knows, by id and (when the checkpoint has names) by name. A checkpoint
+    without category ids is taken to use the dataset's labels when it has as many classes.
+    ValueError, naming the annotation file, when the model was trained on other classes."""
+    where = f"{ds.ann_file}: the model's classes are not this dataset's"
+    ids = tuple(cfg.category_ids)
+    if not ids:
+        if cfg.num_classes != len(ds.cat_ids):
+            raise ValueError(f"{where} ({len(ds.cat_ids)} categories here, {cfg.num_classes} in the checkpoint)")
+        ids = tuple(ds.cat_ids)
+    if len(ids) != cfg.num_classes:
+        raise ValueError(f"{where}: the checkpoint has {cfg.num_classes} classes but {len(ids)} category ids")
+    label = {c: i for i, c in enumerate(ids)}
+    for c, name in zip(ds.cat_ids, ds.class_names):
+        theirs = cfg.class_names[label[c]] if c in label and label[c] < len(cfg.class_names) else None
+        if c not in label or (cfg.class_names and theirs != name):
+            known = ", ".join(map(str, cfg.class_names[:4])) or f"ids {', '.join(map(str, ids[:4]))}"
+            raise ValueError(f"{where}: category {c} ({name!r}) is {repr(theirs) if c in label else 'unknown'} "
+                             f"in the checkpoint ({cfg.num_classes} classes: {known}, ...)")
+    return ids
+
+
+def model_labels(cfg, ds):
+    """(K_dataset,) the model's label of each of the dataset's labels, checked as category_ids checks:
+    a project model's label is the dataset's own, torchvision's the COCO category id (91 outputs)."""
+    label = {c: i for i, c in enumerate(category_ids(cfg, ds))}
+    return torch.tensor([label[c] for c in ds.cat_ids])
+
+
+@torch.inference_mode()
+def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0, score_thresh=None):
+    """COCO AP of model on ds with pycocotools. Each rank detects its share of the images; rank 0
+    gathers, scores, and writes results.json and eval.json into out_dir. Returns the 12 COCO numbers.
+    score_thresh: detections kept (default the model's, the paper's 0.05; §4 "Inference")."""
+    ids = category_ids(model.cfg, ds)  # before any image: a wrong model fails in a second, not after the run
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=list)
+    results = []
+    for batch in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
+        detections = M.detect(model, [image for image, _ in batch], score_thresh)
+        results += D.coco_results(detections, [t["image_id"] for _, t in batch], ids)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    if rank != 0:
+        return None
+    known = set(ds.cat_ids)  # torchvision's model also has outputs for ids COCO never used ("N/A")
+    results = [r for r in results if r["category_id"] in known]
+    stats = D.coco_evaluate(ds.coco, results, image_ids=ds.ids)
+    if out_dir:
+        D.write_json(os.path.join(out_dir, "results.json"), results)
+        D.write_json(os.path.join(out_dir, "eval.json"), stats)
+    return stats
+
+
+def log(run_dir, row):
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def keep_metrics_until(run_dir, iteration):
+    """Drop the metrics.jsonl rows after `iteration` (logged after the last checkpoint, before a crash),
+    so that a resumed run's log has each iteration once."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if (row := _parse(line)) and row["iter"] <= iteration]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(rows)
+
+        D.write_atomic(path, write)
+
+
+def read_metrics(run_dir):
+    """The rows of run_dir/metrics.jsonl (losses and evaluations), without a torn last line."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row for line in f if (row := _parse(line))]
+
+
+def _parse(line):
+    """A metrics row, or None for a blank line or the half-written last line of a killed run."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def plot_losses(run_dir):
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in read_metrics(run_dir) if "loss" in row]  # not the evaluation rows
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "cls", "box"):
+        ax.plot([r["iter"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set(xlabel="iteration", ylabel="loss", yscale="log", title=os.path.basename(os.path.abspath(run_dir)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "loss.png"), dpi=100)
+    plt.close(fig)
