@@ -1,6 +1,6 @@
 """The training loop and COCO evaluation (§4.1 "Optimization", §5), as DETR's engine.py: train.py sets a run
-up and calls `train`; `train_one_step` is one iteration's work; `evaluate` scores a model with pycocotools,
-also for analyze.py and infer.py's tests.
+up and calls `train`, an iteration of which is `forward_backward` (forward, loss, backward) then the SGD step;
+`evaluate` scores a model with pycocotools, for training, analyze.py and `train.py --eval-only`.
 
     python train.py                                                           # trains, evaluates at the end
     python train.py --eval-only --weights runs/quickstart/checkpoint.pt       # evaluate only
@@ -19,7 +19,6 @@ import math
 import os
 import time
 
-import matplotlib
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -38,23 +37,22 @@ def print0(*a, **kw):
 
 def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, start, iters, out, batch_size,
           log_every=20, ckpt_every=1000, eval_at=(), final_eval=True, eval_workers=0, run_args=None):
-    """The loop (§4.1), from iteration `start` to `iters`: a step an iteration; a log row every log_every; COCO
-    evaluations at eval_at and at the end (final_eval); a checkpoint every ckpt_every and at the end, to
-    out/checkpoint.pt with run_args (train.py's flags). A non-finite loss or gradient stops the run before its
-    step writes NaN into the weights, naming the last good checkpoint. Returns the last evaluation's COCO
-    numbers (None without one)."""
+    """The loop (§4.1), from iteration `start` to `iters`: an SGD step an iteration; a log row every log_every;
+    COCO evaluations at eval_at and at the end (final_eval, also when resumed after the last iteration); a
+    checkpoint every ckpt_every and at the end, to out/checkpoint.pt with run_args (train.py's flags). A
+    non-finite loss or gradient stops the run before its step writes NaN into the weights, naming the last good
+    checkpoint. model: the network, or under DDP its DistributedDataParallel wrapper (nanoGPT's raw_model is
+    what is evaluated and saved). Returns the last evaluation's COCO numbers (None without one)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = M.model_device(model)
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
-                 if dist.is_initialized() else model)
-    ckpt_path, last_good, stats, t0, anchors = os.path.join(out, "checkpoint.pt"), None, None, time.time(), {}
-    pixels = [0, 0]  # in the batches, of the images: 1.0 would be no padding
+    raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    ckpt_path, last_good, stats, t0 = os.path.join(out, "checkpoint.pt"), None, None, time.time()
+    pixels, anchor_cache = [0, 0], {}  # pixels in the batches, of the images (1.0: no padding); anchors a size
     bar = tqdm(total=iters, initial=start, disable=rank != 0, dynamic_ncols=True)
     model.train()
     for it, (images, targets) in zip(range(start, iters), loader):
         pixels[0] += images[:, 0].numel()
         pixels[1] += sum(h * w for h, w in (t["size"] for t in targets))
-        values = train_one_step(ddp_model, model.cfg, loss_cfg, images, targets, optimizer, scaler, anchors)
+        values = forward_backward(model, raw_model.cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache)
         where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"iteration {it}: loss is {values['loss']}; stopped. Last good checkpoint: "
@@ -74,17 +72,19 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
         bar.update(1)
         if done in eval_at or (done == iters and final_eval):  # AP against iterations
             t_eval = time.time()
-            stats = evaluate(model, val_ds, rank=rank, world=world, workers=eval_workers,
+            stats = evaluate(raw_model, val_ds, rank=rank, world=world, workers=eval_workers,
                              out_dir=out if done == iters else None)
             t0 += time.time() - t_eval  # images/s counts training time only
             if rank == 0:
                 log(out, {"iter": done, "eval": stats})
         if done % ckpt_every == 0 or done == iters:
-            W.check_finite(model, done, where)  # on every rank: the weights are the same on all
+            W.check_finite(raw_model, done, where)  # on every rank: the weights are the same on all
             if rank == 0:
-                W.save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, done, loss_cfg, run_args)
+                W.save_checkpoint(ckpt_path, raw_model, optimizer, scheduler, scaler, done, loss_cfg, run_args)
             last_good = done
     bar.close()
+    if start == iters and final_eval:  # resumed after the last iteration: only the evaluation is left
+        stats = evaluate(raw_model, val_ds, rank=rank, world=world, out_dir=out, workers=eval_workers)
     if rank == 0 and os.path.exists(os.path.join(out, "metrics.jsonl")):
         plot_losses(out)
     print0(f"trained {iters - start} iterations in {time.time() - t0:.0f} s; checkpoint: {ckpt_path}; "
@@ -92,18 +92,19 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
     return stats
 
 
-def train_one_step(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchors):
-    """One iteration's forward, loss (§4 "Training") and backward, not yet the optimizer's step. Returns the
-    loss and its parts (all-reduced: every process sees the same), the gradient norm (None under AMP, whose
-    scaler skips non-finite steps itself) and the classifier's monitor (this process's images), as floats."""
+def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache):
+    """One iteration's forward, loss (§4 "Training") and backward: the gradients, not yet the optimizer's step.
+    Returns the loss and its parts (all-reduced: every process sees the same), the gradient norm (None under
+    AMP, whose scaler skips non-finite steps itself) and the classifier's monitor (this process's images), as
+    floats. anchor_cache: {padded size: (R, 4) anchors}, filled as sizes come."""
     device = M.model_device(model)
     x = M.normalize(images.to(device, non_blocking=True), cfg)
     with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):  # the scaler: on with --amp
         cls_logits, box_deltas = model(x)
-    if x.shape[-2:] not in anchors:  # one set of anchors a padded size
-        anchors[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
+    if x.shape[-2:] not in anchor_cache:
+        anchor_cache[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
     boxes, labels = [t["boxes"].to(device) for t in targets], [t["labels"].to(device) for t in targets]
-    losses = retinanet_loss(cls_logits, box_deltas, anchors[x.shape[-2:]], boxes, labels, loss_cfg,
+    losses = retinanet_loss(cls_logits, box_deltas, anchor_cache[x.shape[-2:]], boxes, labels, loss_cfg,
                             reduce_num_fg=all_reduce_mean)
     loss = losses["cls"] + losses["box"]
     optimizer.zero_grad(set_to_none=True)
@@ -218,6 +219,8 @@ def _parse(line):
 
 
 def plot_losses(run_dir):
+    import matplotlib  # only here: importing train.py loads no plotting library
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

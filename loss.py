@@ -12,7 +12,7 @@ number of foreground anchors, as Detectron does. Everything here takes tensors: 
 Reading order: `focal_loss` (Eq. 5 as written), `LossConfig` and `retinanet_loss` (the loss training
 minimises), the anchors' targets and the box loss; then `fused_focal_loss`, the same values and
 gradients computed faster on a CPU, which retinanet_loss uses; then OHEM (Table 1d's baseline)
-and `monitor`, what train.py logs of the classifier.
+and `monitor`, what engine.py logs of the classifier.
 
 Shape legend: N images, R anchors, K classes, M boxes per image.
 """
@@ -69,7 +69,7 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Non
     cfg: a LossConfig (default: the paper's). An image with no boxes contributes only background loss.
     cfg.ohem_ratio > 0 replaces "all anchors" by online hard example mining (Table 1d, ohem_select; the
     box loss stays on every foreground anchor, and the divisor is the same). reduce_num_fg, if given,
-    maps the local foreground count to the one to divide by (train.py all-reduces it across GPUs).
+    maps the local foreground count to the one to divide by (engine.py all-reduces it across GPUs).
     Both losses are computed in float32, also under autocast. Returns {"cls", "box", "monitor"}: the
     monitor is for the log only (as DETR's criterion returns its class error).
     """
@@ -232,7 +232,7 @@ def ohem_select(hardness, fg, keep, anchors, ratio=3, batch=OHEM_BATCH, nms_thre
     return chosen
 
 
-MONITOR = ("pos_logit", "neg_logit", "scored_above_0.05")  # what train.py logs of the classifier
+MONITOR = ("pos_logit", "neg_logit", "scored_above_0.05")  # what engine.py logs of the classifier
 
 
 @torch.no_grad()

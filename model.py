@@ -26,8 +26,8 @@ from heads import Head
 
 @dataclass
 class ModelConfig:
-    """The network's hyperparameters (nanoGPT's model_args), saved in checkpoints so that a model rebuilds from
-    them; the loss's settings are loss.LossConfig, inference's InferenceConfig below."""
+    """The network and its input: every hyperparameter a model rebuilds from (nanoGPT's model_args), its classes
+    and test scale, saved in checkpoints. The loss's settings are loss.LossConfig, inference's InferenceConfig."""
 
     num_classes: int = 80
     class_names: tuple = ()  # label -> name, for infer.py and app.py
@@ -152,19 +152,19 @@ def make_anchors(cfg, image_size, device=None):
     return anchors, per_level
 
 
-def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, original_sizes=None, cfg=None):
-    """Raw outputs -> detections per image (§4 "Inference"), with cfg's settings (an InferenceConfig,
+def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, original_sizes=None, inference=None):
+    """Raw outputs -> detections per image (§4 "Inference"), with `inference`'s settings (an InferenceConfig,
     default the paper's).
 
-    Per level: keep scores > cfg.score_thresh, at most cfg.topk_candidates over anchor x class, decode
-    and clip to the image. Then class-wise NMS at cfg.nms_thresh and the best cfg.max_detections. Boxes
-    come back in original_sizes coordinates (or those of image_sizes when it is None).
+    Per level: keep scores > score_thresh, at most topk_candidates over anchor x class, decode and clip
+    to the image. Then class-wise NMS at nms_thresh and the best max_detections. Boxes come back in
+    original_sizes coordinates (or those of image_sizes when it is None).
     Returns a list of {"boxes" (D, 4), "scores" (D,), "labels" (D,)}.
     """
-    cfg = cfg or InferenceConfig()
-    if not 0 <= cfg.score_thresh <= 1:
-        raise ValueError(f"score threshold must be in [0, 1], got {cfg.score_thresh}")
-    K, t = cls_logits.shape[-1], cfg.score_thresh
+    settings = inference or InferenceConfig()
+    if not 0 <= settings.score_thresh <= 1:
+        raise ValueError(f"score threshold must be in [0, 1], got {settings.score_thresh}")
+    K, t = cls_logits.shape[-1], settings.score_thresh
     # score > t  <=>  logit > log(t / (1 - t)): the threshold costs no sigmoid over all R x K scores
     logit_thresh = -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
     results = []
@@ -174,14 +174,14 @@ def postprocess(cls_logits, box_deltas, anchors, per_level, image_sizes, origina
                                        anchors.split(per_level)):
             flat = logits.flatten()  # (R_l, K) -> (R_l * K,)
             idx = (flat > logit_thresh).nonzero().squeeze(1)
-            s, order = flat[idx].sigmoid().topk(min(cfg.topk_candidates, idx.numel()))
+            scored, order = flat[idx].sigmoid().topk(min(settings.topk_candidates, idx.numel()))
             idx = idx[order]
             a = idx // K  # anchor index within the level
             boxes.append(clip_boxes_to_image(A.decode(anc[a], deltas[a]), size))
-            scores.append(s)
+            scores.append(scored)
             labels.append(idx % K)
         boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.max_detections]
+        keep = batched_nms(boxes, scores, labels, settings.nms_thresh)[: settings.max_detections]
         boxes = boxes[keep]
         if original_sizes is not None:  # back to the input image's pixels
             (h0, w0), (h, w) = original_sizes[n], size

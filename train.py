@@ -255,12 +255,12 @@ def main(args):
     if rank == 0:  # the log of this run: up to its checkpoint when resumed, empty when it starts afresh
         keep_metrics_until(args.out, start)
     loader = make_loader(args, train_ds, model.cfg, start, rank, world, pin_memory=device.type == "cuda")
-    stats = train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, start=start, iters=args.iters,
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+                 if dist.is_initialized() else model)  # DDP, nanoGPT style: engine.train evaluates and saves model
+    stats = train(ddp_model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, start=start, iters=args.iters,
                   out=args.out, batch_size=args.batch_size, log_every=args.log_every, ckpt_every=args.ckpt_every,
                   eval_at=args.eval_at, final_eval=not args.no_eval, eval_workers=min(args.workers, 2),
                   run_args=vars(args))
-    if start == args.iters and not args.no_eval:  # resumed after the last iteration: only the evaluation is left
-        stats = evaluate(model, val_ds, rank=rank, world=world, out_dir=args.out, workers=min(args.workers, 2))
     if stats and not args.no_eval:
         print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
     if dist.is_initialized():

@@ -43,8 +43,9 @@ def config_entries(cfg, loss_cfg, inference):
 
 
 def read_configs(entries):
-    """(ModelConfig, LossConfig, InferenceConfig) of a checkpoint's entries. Before issue 33 a checkpoint held
-    all three in one "config" (a flat dict; export.py's ONNX metadata too): each takes its own fields from it.
+    """(ModelConfig, LossConfig, InferenceConfig) of a checkpoint's entries ("config", "loss", "inference").
+    Checkpoints and ONNX files written before the three were apart (issue 33) hold one flat dict of all their
+    fields, under "config" (or as the whole ONNX metadata): each config takes its own fields from it.
     TypeError on a field none of them has."""
     if "loss" not in entries and "inference" not in entries:  # the flat form of earlier checkpoints
         flat = entries.get("config", entries)
@@ -169,10 +170,15 @@ def load_checkpoint(path, device="cpu"):
 
 def load_loss_config(path):
     """The LossConfig a checkpoint trained with (its anchor assignment: analyze.py and app.py assign as training
-    did); the paper's for torchvision's weights and ONNX files, which carry none."""
-    if path in ("torchvision", "torchvision-v2") or str(path).endswith(".onnx"):
+    did): torchvision's (torchvision_loss) for its weights, the paper's for ONNX files, which carry none."""
+    if path in ("torchvision", "torchvision-v2"):
+        return torchvision_loss(2 if path.endswith("v2") else 1)
+    if str(path).endswith(".onnx"):
         return LossConfig()
-    return read_configs(torch.load(path, map_location="cpu", weights_only=True))[1]
+    try:  # memory-mapped: only the small config entries are read, not the weights and optimizer state
+        return read_configs(torch.load(path, map_location="cpu", weights_only=True, mmap=True))[1]
+    except Exception as e:  # as load_checkpoint: a missing, truncated or foreign file in one line
+        raise ValueError(f"{path}: no loss settings of a checkpoint of this project ({type(e).__name__})") from None
 
 
 def load_torchvision(version=1):
@@ -188,7 +194,7 @@ def load_torchvision(version=1):
     return model.eval()
 
 
-ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes the configs (config_entries) as JSON under this metadata key
+ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes {"config", "inference"} as JSON under this metadata key
 
 
 class OnnxRetinaNet(torch.nn.Module):
@@ -220,7 +226,7 @@ class OnnxRetinaNet(torch.nn.Module):
                              f"write it with export.py")
         try:
             self.cfg, _, self.inference = read_configs(json.loads(meta[ONNX_CONFIG_KEY]))
-        except (ValueError, TypeError, AttributeError) as e:  # not JSON, or a config of another version
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # not JSON, or another version's config
             raise ValueError(f"{path}: its {ONNX_CONFIG_KEY!r} metadata is no config of this project ({e})") from None
         self.threads, self.path = options.intra_op_num_threads, path
         self.input = self.session.get_inputs()[0].name

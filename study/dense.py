@@ -50,10 +50,14 @@ DENSE = dict(arch="resnet18", norm="frozen", freeze_at=2, backbone_weights=BACKB
 
 def train_flags(flags):
     """train.py's flags for a study run's `flags`: `--preset dense` replaced by DENSE's values, before the other
-    flags, which override them (argparse keeps a flag's last value). Other flags pass through unchanged."""
+    flags, which override them (argparse keeps a flag's last value). Other flags pass through unchanged.
+    (train.py then names its preset after --data, "paper", whose every value DENSE's replace.)"""
     flags = list(flags)
     if "--preset" not in flags or flags[flags.index("--preset") + 1:][:1] != ["dense"]:
         return flags
+    if not os.path.exists(DENSE["backbone_weights"]) and "--backbone-weights" not in flags:
+        raise FileNotFoundError(f"{DENSE['backbone_weights']}: no pretrained backbone yet; `python -m study.pretrain` "
+                                "makes it")
     i, recipe = flags.index("--preset"), []
     for key, value in DENSE.items():
         recipe += ["--" + key.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]

@@ -1,5 +1,7 @@
 """export.py: ONNX Runtime and the torch.export program give the module's outputs and infer.py's detections,
 for the quick start's architecture and torchvision's ResNet-50; bad files fail in one line naming them."""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import infer
 import model as M
 import weights as W
 from conftest import ROOT, run, shared_path
+from loss import LossConfig
 from tools import bench_pairs
 
 
@@ -28,7 +31,8 @@ def close(expected, got, rel=1e-4):
 
 
 def same_detections(expected, got):
-    """bench.py's check: as many detections, each with a partner of its label, box within 1e-3 px, score within 1e-4."""
+    """tools/bench.py's check: as many detections, each with a partner of its label, box within 1e-3 px, score
+    within 1e-4."""
     assert list(expected) == list(got)
     ok, message = bench_pairs.same_detections(list(expected.values()), list(got.values()), score_atol=1e-4,
                                               box_rtol=0)
@@ -147,3 +151,19 @@ def test_export_refuses_an_onnx_input_and_foreign_metadata(exported, tmp_path):
     onnx.save(proto, str(tmp_path / "future.onnx"))
     with pytest.raises(ValueError, match="future.onnx: its 'retinanet_config' metadata is no config of this project"):
         infer.load_model(str(tmp_path / "future.onnx"))
+
+
+def test_an_onnx_file_exported_before_the_configs_were_apart_still_loads(exported, tiny_shapes, tmp_path):
+    """Until issue 33, export.py wrote the one flat config of its day (network, loss and inference fields) as the
+    whole metadata: each config takes its fields from it, the file's own score threshold included."""
+    new = W.load_checkpoint(exported[1])
+    flat = {**dataclasses.asdict(new.cfg), **dataclasses.asdict(LossConfig()),
+            **dataclasses.asdict(new.inference), "score_thresh": 0.2}
+    proto = onnx.load(exported[1])
+    next(p for p in proto.metadata_props if p.key == W.ONNX_CONFIG_KEY).value = json.dumps(flat)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = W.load_checkpoint(str(tmp_path / "old.onnx"))
+    assert old.cfg == new.cfg and old.inference.score_thresh == 0.2
+    image = D.CocoDetection(*D.coco_paths(tiny_shapes, "val"))[0][0]
+    want, got = M.detect(new, [image], score_thresh=0.2)[0], M.detect(old, [image])[0]
+    assert all(torch.equal(want[k], got[k]) for k in want)

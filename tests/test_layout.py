@@ -52,7 +52,7 @@ def test_imports_point_one_way_from_anchors_up():
 
 
 def test_no_function_of_the_core_is_longer_than_60_lines():
-    """get_args_parser is exempt: a table of flags, one a line (train.py's has 50)."""
+    """get_args_parser is exempt: a table of flags, one a line (train.py's: 50 flags in 67 lines)."""
     long = []
     for name, path in top_level().items():
         if name in FRONT_ENDS:

@@ -189,7 +189,7 @@ def test_score_thresholds_0_and_1_keep_everything_and_nothing():
 
     def run(score_thresh):
         settings = M.InferenceConfig(score_thresh=score_thresh, max_detections=300)
-        return M.postprocess(cls_logits, box_deltas, anchors, per_level, [(64, 64)], cfg=settings)
+        return M.postprocess(cls_logits, box_deltas, anchors, per_level, [(64, 64)], inference=settings)
 
     assert len(run(score_thresh=1.0)[0]["boxes"]) == 0
     everything, just_below = run(score_thresh=0.0)[0], run(score_thresh=cls_logits.sigmoid().min().item() / 2)[0]

@@ -22,7 +22,7 @@ def test_a_checkpoint_holds_the_three_configs_each_from_its_own_flags(tiny_shape
     assert W.load_loss_config(path) == LossConfig(alpha=None, gamma=1.0, box_loss="l1", ohem_ratio=3.0)
     model = W.load_checkpoint(path)
     assert model.inference == M.InferenceConfig() and model.cfg.anchor_sizes == (16, 32, 64, 128, 256)
-    assert W.load_loss_config("torchvision") == LossConfig()  # torchvision's file has none: the paper's
+    assert W.load_loss_config("torchvision") == W.torchvision_loss(1) == LossConfig(box_loss="l1")  # its L1 loss
 
 
 def test_a_checkpoint_written_before_the_configs_were_apart_loads_and_detects_the_same(tiny_checkpoint, tiny_shapes,

@@ -95,10 +95,15 @@ def test_a_killed_study_continues_to_the_result_of_an_uninterrupted_one(tiny_sha
         analyze.main(args(*study[:-1], f"--train-args={TINY} --lr 0.5", "--out", tmp_path / "b"))
 
 
-def test_the_dense_recipe_reaches_train_py_spelled_out_and_the_runs_flags_override_it():
+def test_the_dense_recipe_reaches_train_py_spelled_out_and_the_runs_flags_override_it(tmp_path, monkeypatch):
     """The study's runs say `--preset dense` (their flags, the ledger); train.py, which has no such preset, gets
-    DENSE's every value, and a run's own flags after it win."""
+    DENSE's every value, and a run's own flags after it win. Without the pretrained backbone: one line saying
+    how to make it."""
     run = ["--preset", "dense", "--data", "data/dense", "--lr", "0.02", "--steps", "3000", "3600"]
+    monkeypatch.setitem(dense.DENSE, "backbone_weights", str(tmp_path / "backbone.pth"))
+    with pytest.raises(FileNotFoundError, match=r"backbone.pth: no pretrained backbone yet; `python -m study.pre"):
+        dense.train_flags(run)
+    (tmp_path / "backbone.pth").write_bytes(b"x")
     args = train.fill_defaults(train.get_args_parser().parse_args(dense.train_flags(run)))
     assert {k: getattr(args, k) for k in dense.DENSE if k not in ("lr", "steps")} == {
         k: v for k, v in dense.DENSE.items() if k not in ("lr", "steps")}
