@@ -20,7 +20,6 @@ enough: weights.load_checkpoint reads it back (and the single config of the file
 33). Both files are written under a temporary name and renamed.
 """
 import argparse
-import dataclasses
 import json
 import os
 import warnings
@@ -69,7 +68,7 @@ def export_onnx(model, path, opset=18):
                                     input_names=["images"], output_names=["cls_logits", "box_deltas"],
                                     opset_version=opset, dynamo=True, verbose=False)
         proto = program.model_proto
-        configs = {"config": dataclasses.asdict(model.cfg), "inference": dataclasses.asdict(model.inference)}
+        configs = W.config_entries(model.cfg, model.inference)
         proto.metadata_props.add(key=W.ONNX_CONFIG_KEY, value=json.dumps(configs))
         proto.producer_name = "retinanet export.py"
         onnx.save(proto, tmp)

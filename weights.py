@@ -31,15 +31,15 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, loss_c
     run_args: the run's settings as a dict (train.py's flags), kept for the record."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "iteration": iteration, "args": run_args or {},
-             **config_entries(model.cfg, loss_cfg, model.inference),
+             **config_entries(model.cfg, model.inference, loss_cfg),
              "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
     D.write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def config_entries(cfg, loss_cfg, inference):
-    """The configs as a checkpoint (and export.py's ONNX metadata) stores them."""
-    return {"config": dataclasses.asdict(cfg), "loss": dataclasses.asdict(loss_cfg),
-            "inference": dataclasses.asdict(inference)}
+def config_entries(cfg, inference, loss_cfg=None):
+    """The configs as a checkpoint stores them, and export.py's ONNX metadata (no loss_cfg: a file for inference)."""
+    entries = {"config": dataclasses.asdict(cfg), "inference": dataclasses.asdict(inference)}
+    return entries if loss_cfg is None else {**entries, "loss": dataclasses.asdict(loss_cfg)}
 
 
 def read_configs(entries):
@@ -194,7 +194,7 @@ def load_torchvision(version=1):
     return model.eval()
 
 
-ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes {"config", "inference"} as JSON under this metadata key
+ONNX_CONFIG_KEY = "retinanet_config"  # export.py writes config_entries (network, inference) as JSON under this key
 
 
 class OnnxRetinaNet(torch.nn.Module):
