@@ -16,14 +16,20 @@ import torch.distributed as dist
 import torchvision
 from torch import nn
 from torchvision import ops
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-ARCHS = {  # name -> (torchvision constructor, ImageNet weights, C3/C4/C5 channels)
-    "resnet18": ("resnet18", "ResNet18_Weights", (128, 256, 512)),
-    "resnet34": ("resnet34", "ResNet34_Weights", (128, 256, 512)),
-    "resnet50": ("resnet50", "ResNet50_Weights", (512, 1024, 2048)),
-    "resnet101": ("resnet101", "ResNet101_Weights", (512, 1024, 2048)),
-    "resnet152": ("resnet152", "ResNet152_Weights", (512, 1024, 2048)),
+ARCHS = {  # name -> (residual block, blocks per stage, torchvision's ImageNet weights, C3/C4/C5 channels)
+    "resnet10": (BasicBlock, [1, 1, 1, 1], None, (128, 256, 512)),  # the quick start's: see below
+    "resnet18": (BasicBlock, [2, 2, 2, 2], "ResNet18_Weights", (128, 256, 512)),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], "ResNet34_Weights", (128, 256, 512)),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], "ResNet50_Weights", (512, 1024, 2048)),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], "ResNet101_Weights", (512, 1024, 2048)),
+    "resnet152": (Bottleneck, [3, 8, 36, 3], "ResNet152_Weights", (512, 1024, 2048)),
 }
+# resnet10 is ResNet-18 with one block a stage instead of two (the depth of He et al.'s smallest ResNet
+# family member, not in the paper or in torchvision's model zoo): the quick start trains from scratch on
+# 160-px pictures of four shapes, where the backbone was 80% of an iteration and the second block of each
+# stage bought no AP within the quick start's minutes (docs/performance.md). It has no ImageNet weights.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # freeze_at=k freezes the first k
 
 
@@ -107,9 +113,9 @@ class Backbone(nn.Module):
             raise ValueError(f"norm must be 'frozen' or 'bn', got {norm!r}")
         if not 0 <= freeze_at <= len(STAGES):
             raise ValueError(f"freeze_at must be in 0..{len(STAGES)}, got {freeze_at}")
-        fn_name, _, self.out_channels = ARCHS[arch]
+        block, layers, _, self.out_channels = ARCHS[arch]
         norm_layer = (lambda c: FrozenBatchNorm2d(c, eps=frozen_bn_eps)) if norm == "frozen" else nn.BatchNorm2d
-        net = getattr(torchvision.models, fn_name)(weights=None, norm_layer=norm_layer)
+        net = ResNet(block, layers, norm_layer=norm_layer)  # what torchvision.models.resnet50() etc. build
         if weights is not None:
             state = imagenet_state_dict(arch) if weights == "imagenet" else _load_local(weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is not used
@@ -167,7 +173,10 @@ def fold_batch_norm(module):
 
 def imagenet_state_dict(arch):
     """torchvision's ImageNet weights for `arch` (downloaded once into the torch hub cache)."""
-    url = getattr(torchvision.models, ARCHS[arch][1]).IMAGENET1K_V1.url
+    if ARCHS[arch][2] is None:
+        raise ValueError(f"{arch} has no ImageNet weights: pass a .pth state dict or train from scratch "
+                         "(--backbone-weights none --norm bn)")
+    url = getattr(torchvision.models, ARCHS[arch][2]).IMAGENET1K_V1.url
     return download_state_dict(url, "fetch that file elsewhere and pass its path (--backbone-weights PATH), "
                                     "or train from scratch (--backbone-weights none --norm bn)")
 

@@ -31,7 +31,8 @@ def test_c3_c4_c5_equal_torchvision_resnet_with_the_same_local_weights(tmp_path)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch,channels", [("resnet18", (128, 256, 512)), ("resnet50", (512, 1024, 2048))])
+@pytest.mark.parametrize("arch,channels", [("resnet10", (128, 256, 512)), ("resnet18", (128, 256, 512)),
+                                           ("resnet50", (512, 1024, 2048))])
 def test_strides_8_16_32_and_channels(arch, channels):
     c3, c4, c5 = Backbone(arch, norm="bn")(torch.randn(1, 3, 100, 131))
     assert [c.shape[1] for c in (c3, c4, c5)] == list(channels)
@@ -79,6 +80,19 @@ def test_bad_weight_files_name_the_file(tmp_path):
     Backbone("resnet18", weights=str(r18))  # a state dict under "model" loads
     with pytest.raises(ValueError, match="r18.pth: not a resnet50 state dict"):
         Backbone("resnet50", weights=str(r18))
+
+
+def test_resnet10_is_resnet18_with_one_block_a_stage_under_the_same_names():
+    """The quick start's backbone: a ResNet-18 state dict's first block of each stage, stem and all, loads into it
+    key for key (torchvision's names), and it has no ImageNet weights to download."""
+    r18 = torchvision.models.resnet18().state_dict()
+    ours = Backbone("resnet10", norm="bn", freeze_at=0)
+    assert [len(getattr(ours, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    kept = {k: v for k, v in r18.items() if not k.startswith("fc.") and k.split(".")[1:2] != ["1"]}  # layerN.1.*
+    assert set(ours.state_dict()) == set(kept)
+    ours.load_state_dict(kept)
+    with pytest.raises(ValueError, match="resnet10 has no ImageNet weights"):
+        Backbone("resnet10", weights="imagenet")
 
 
 def test_bad_arguments():
