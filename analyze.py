@@ -180,6 +180,22 @@ def cmd_eval(args):
     return stats
 
 
+def study_tables(out):
+    """Table 1 (mean ± std over seeds), the imbalance sweep and the miniature, as this file left them in out, in
+    Markdown (app.py's Focal loss tab)."""
+    parts = [endpoint.summary()] if endpoint.ledger() else []  # the endpoint runs so far, committed with the code
+    for name, title in (("ablate_dense", "Table 1 on the dense set (`analyze.py ablate --preset dense`)"),
+                        ("sweep", "FL − CE against imbalance (`analyze.py sweep`)"),
+                        ("ablate_quickstart", "Table 1 in miniature, the quick start's set (`analyze.py ablate`)")):
+        path = os.path.join(out, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                numbers = json.load(f)
+            parts.append(f"### {title}, {numbers['iters']} iterations a run\n\n{numbers['markdown']}")
+    return "\n\n".join(parts) or ("Table 1 appears here once `python analyze.py ablate --preset dense` (the study, "
+                                   "hours) or `python analyze.py ablate` (the miniature, about 30 minutes) has run.")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument

@@ -14,7 +14,6 @@ quick start's configuration: Fig. 1 and the Anchors tab work, and the other tabs
 """
 import argparse
 import hashlib
-import json
 import os
 import time
 
@@ -34,23 +33,25 @@ import train
 import weights as W
 from engine import category_ids
 from loss import LossConfig
-from study import dense, endpoint
+from study import dense
 
 MAX_PIXELS = 40_000_000  # larger uploads get a message, not a long wait
 PAPER_GAMMAS = (0.0, 0.5, 1.0, 2.0)  # Fig. 4's
 TORCHVISION = ("`python app.py --weights torchvision --data /path/to/coco --split val2017` (the weights download "
                "once; the COCO images are for Fig. 4)")
-NO_MODEL = ("No trained model yet. Train the quick start's (`python train.py`, about 7-17 minutes on a CPU), "
+NO_MODEL = ("No trained model yet. Train the quick start's (`python train.py`, about 5-10 minutes on a CPU), "
             f"or load torchvision's COCO RetinaNet: {TORCHVISION}.")
 
 
 class Explorer:
     """What the app loads once: the model (if there is one) and the dataset; the Fig. 4 cache on first use."""
 
-    def __init__(self, weights, data, split=None, out="runs/analyze", device="cpu"):
+    def __init__(self, weights, data, split=None, out="runs/analyze", device="cpu", amp="auto"):
         self.model, self.device, self.weights, self.assign = None, device, weights, LossConfig()
+        self.amp, why = M.autocast_choice(amp, torch.device(device))  # infer.py's --amp: the same detections
         if weights != infer.DEFAULT_WEIGHTS or os.path.exists(weights):
             self.model = infer.load_model(weights, device)
+            print(why)
             self.cfg, self.assign = self.model.cfg, W.load_loss_config(weights)  # anchors assigned as it trained
         else:  # a fresh clone: the quick start's configuration, for Fig. 1 and the Anchors tab
             q = train.QUICKSTART
@@ -81,7 +82,7 @@ class Explorer:
             raise gr.Error(NO_MODEL)
         image, scale = load(path, max(self.cfg.max_size, 800))
         t0 = time.perf_counter()
-        det = M.detect(self.model, [image], score_thresh=score_thresh)[0]
+        det = M.detect(self.model, [image], score_thresh, amp=self.amp is not None)[0]
         ms = (time.perf_counter() - t0) * 1000
         names, order = self.cfg.class_names, det["scores"].argsort(descending=True)
         rows = [[names[lab] if lab < len(names) else str(lab), round(s, 3), *[round(v * scale, 1) for v in box]]
@@ -145,7 +146,7 @@ class Explorer:
     def focal(self, gamma, alpha, progress=gr.Progress()):  # noqa: B008 (Gradio injects the progress bar)
         """Fig. 1 for all of the paper's gamma; Fig. 4 of the loaded model; where the loss goes; Table 1."""
         fig1 = curves(gamma, alpha)
-        tables = study_tables(self.out)
+        tables = analyze.study_tables(self.out)
         if self.model is None:
             return fig1, None, f"**Fig. 4 needs a trained model.** {NO_MODEL}", [], [], tables
         if self.mismatch:
@@ -174,21 +175,6 @@ def curves(gamma, alpha):
     fig = analyze.fig1(analyze.GAMMAS, bold=gamma, alpha=alpha)[0]
     plt.close(fig)
     return fig
-
-
-def study_tables(out):
-    """Table 1 (mean ± std over seeds), the imbalance sweep and the miniature, as analyze.py left them in out."""
-    parts = [endpoint.summary()] if endpoint.ledger() else []  # the endpoint runs so far, committed with the code
-    for name, title in (("ablate_dense", "Table 1 on the dense set (`analyze.py ablate --preset dense`)"),
-                        ("sweep", "FL − CE against imbalance (`analyze.py sweep`)"),
-                        ("ablate_quickstart", "Table 1 in miniature, the quick start's set (`analyze.py ablate`)")):
-        path = os.path.join(out, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                numbers = json.load(f)
-            parts.append(f"### {title}, {numbers['iters']} iterations a run\n\n{numbers['markdown']}")
-    return "\n\n".join(parts) or ("Table 1 appears here once `python analyze.py ablate --preset dense` (the study, "
-                                   "hours) or `python analyze.py ablate` (the miniature, about 30 minutes) has run.")
 
 
 def digest(path):
@@ -277,11 +263,12 @@ def get_args_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 opens it to your network")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="as infer.py's --amp")
     return p
 
 
 def main(args):
-    ex = Explorer(args.weights, args.data, args.split, args.out, args.device)
+    ex = Explorer(args.weights, args.data, args.split, args.out, args.device, args.amp)
     examples = [os.path.join(ex.ds.img_dir, ex.ds.coco.imgs[i]["file_name"]) for i in ex.ds.ids[:4]]
     shared = os.environ.get("RETINANET_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
     photos = os.path.join(shared, "demo")  # real photos, when the shared data folder is there

@@ -14,9 +14,11 @@ A model whose classes are not the dataset's is refused before any image is run.
 A run's log, OUT/metrics.jsonl, has a row every --log-every iterations (losses, LR, images/s, the
 gradient norm and the classifier's monitor) and one at each evaluation; OUT/loss.png draws it.
 """
+import copy
 import json
 import math
 import os
+import platform
 import time
 
 import torch
@@ -36,13 +38,14 @@ def print0(*a, **kw):
 
 
 def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, start, iters, out, batch_size,
-          log_every=20, ckpt_every=1000, eval_at=(), final_eval=True, eval_workers=0, run_args=None):
+          log_every=20, ckpt_every=1000, eval_at=(), final_eval=True, eval_workers=0, run_args=None, amp=None):
     """The loop (§4.1), from iteration `start` to `iters`: an SGD step an iteration; a log row every log_every;
     COCO evaluations at eval_at and at the end (final_eval, also when resumed after the last iteration); a
     checkpoint every ckpt_every and at the end, to out/checkpoint.pt with run_args (train.py's flags). A
     non-finite loss or gradient stops the run before its step writes NaN into the weights, naming the last good
     checkpoint. model: the network, or under DDP its DistributedDataParallel wrapper (nanoGPT's raw_model is
-    what is evaluated and saved). Returns the last evaluation's COCO numbers (None without one)."""
+    what is evaluated and saved). amp: autocast's dtype in training (None: float32); evaluations are float32.
+    Returns the last evaluation's COCO numbers (None without one)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     ckpt_path, last_good, stats, t0 = os.path.join(out, "checkpoint.pt"), None, None, time.time()
@@ -52,7 +55,8 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
     for it, (images, targets) in zip(range(start, iters), loader):
         pixels[0] += images[:, 0].numel()
         pixels[1] += sum(h * w for h, w in (t["size"] for t in targets))
-        values = forward_backward(model, raw_model.cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache)
+        values = forward_backward(model, raw_model.cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache,
+                                  amp)
         where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"iteration {it}: loss is {values['loss']}; stopped. Last good checkpoint: "
@@ -92,14 +96,15 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
     return stats
 
 
-def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache):
+def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache, amp=None):
     """One iteration's forward, loss (§4 "Training") and backward: the gradients, not yet the optimizer's step.
     Returns the loss and its parts (all-reduced: every process sees the same), the gradient norm (None under
-    AMP, whose scaler skips non-finite steps itself) and the classifier's monitor (this process's images), as
-    floats. anchor_cache: {padded size: (R, 4) anchors}, filled as sizes come."""
+    float16 AMP, whose scaler skips non-finite steps itself) and the classifier's monitor (this process's images),
+    as floats. anchor_cache: {padded size: (R, 4) anchors}, filled as sizes come. amp: autocast's dtype for the
+    network (float16 with the scaler on CUDA, bfloat16 on a CPU) or None; the losses are float32 either way."""
     device = M.model_device(model)
     x = M.normalize(images.to(device, non_blocking=True), cfg)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):  # the scaler: on with --amp
+    with torch.autocast(device.type, dtype=amp or torch.float16, enabled=amp is not None):
         cls_logits, box_deltas = model(x)
     if x.shape[-2:] not in anchor_cache:
         anchor_cache[x.shape[-2:]] = M.make_anchors(cfg, x.shape[-2:], device)[0]
@@ -117,6 +122,65 @@ def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, a
         losses["monitor"]]).tolist()
     return {"loss": loss_value, "cls": cls_value, "box": box_value, "grad_norm": None if not grads else grad_norm,
             **{k: None if math.isnan(v) else round(v, 5) for k, v in zip(MONITOR, watch)}}
+
+
+def probe_layout(model, loss_cfg, batch_size, amp=None, steps=3, cache=None):
+    """Whether channels-last trains faster than NCHW on this CPU, timed: `steps` iterations (the first a warm-up)
+    of copies of the network in each layout (the run's weights and BN statistics untouched) on a batch of its
+    largest padded size with random pixels and boxes. No rule held on every CPU (docs/performance.md): on an AMD Zen 4
+    the quick start's ResNet-10 was 11% faster channels-last in float32 and 12% slower in bfloat16; on an Intel
+    AMX host ResNet-18 was faster NCHW in both. The answer is kept in `cache` (a JSON file; default under
+    ~/.cache) by CPU, PyTorch, ISA, threads, dtype, network and batch. Returns (nhwc, a line saying why)."""
+    cache = cache or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "retinanet",
+                                  "layouts.json")
+    cfg, isa = model.cfg, (torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+    size = [-(-s // cfg.size_divisible) * cfg.size_divisible for s in (cfg.min_size, cfg.max_size)]
+    key = repr((_cpu_name(), torch.__version__, isa, torch.get_num_threads(), str(amp), cfg.arch, cfg.norm,
+                cfg.channels, cfg.head_norm, batch_size, tuple(size)))
+    known = _read_cache(cache)
+    if key not in known:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=g)
+        xy = torch.rand(batch_size, 5, 2, generator=g) * torch.tensor(size[::-1]) * 0.7  # 5 boxes an image
+        boxes = torch.cat([xy, xy + torch.tensor(size[::-1]) * 0.2], -1)
+        targets = [{"boxes": b, "labels": torch.randint(cfg.num_classes, (5,), generator=g)} for b in boxes]
+        seconds = {}
+        for layout in ("nchw", "nhwc"):
+            net = copy.deepcopy(model).train()
+            net = net.to(memory_format=torch.channels_last) if layout == "nhwc" else net
+            opt, times = torch.optim.SGD(net.parameters(), lr=0.0), []
+            for _ in range(steps):
+                t = time.perf_counter()
+                forward_backward(net, cfg, loss_cfg, images, targets, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                 {}, amp)
+                times.append(time.perf_counter() - t)
+            seconds[layout] = round(min(times[1:]), 3)
+        known = {**_read_cache(cache), key: seconds}  # with what other runs wrote meanwhile
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        D.write_json(cache, known)
+        how = "measured"
+    else:
+        how = f"as measured before ({cache})"
+    s = known[key]
+    return s["nhwc"] < s["nchw"], f"{how}: {s['nchw']:.3f} s an iteration NCHW, {s['nhwc']:.3f} s channels-last"
+
+
+def _read_cache(path):
+    """The layouts measured before, {} when none (or the file is not one this wrote)."""
+    try:
+        with open(path) as f:
+            known = _parse(f.read())
+    except OSError:
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return platform.processor() or "cpu"
 
 
 def all_reduce_mean(x):
@@ -158,16 +222,17 @@ def model_labels(cfg, ds):
 
 
 @torch.inference_mode()
-def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0, score_thresh=None):
+def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0, score_thresh=None, amp=False):
     """COCO AP of model on ds with pycocotools. Each rank detects its share of the images; rank 0
     gathers, scores, and writes results.json and eval.json into out_dir. Returns the 12 COCO numbers.
-    score_thresh: detections kept (default the model's, the paper's 0.05; §4 "Inference")."""
+    score_thresh: detections kept (default the model's, the paper's 0.05; §4 "Inference"); amp: the network
+    under autocast (model.detect)."""
     ids = category_ids(model.cfg, ds)  # before any image: a wrong model fails in a second, not after the run
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
                                          batch_size=batch_size, num_workers=workers, collate_fn=list)
     results = []
     for batch in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
-        detections = M.detect(model, [image for image, _ in batch], score_thresh)
+        detections = M.detect(model, [image for image, _ in batch], score_thresh, amp)
         results += D.coco_results(detections, [t["image_id"] for _, t in batch], ids)
     if world > 1:
         gathered = [None] * world

@@ -5,11 +5,14 @@
     python infer.py street.jpg --weights torchvision           # torchvision's COCO RetinaNet (downloads once)
     python infer.py street.jpg --weights runs/retinanet/checkpoint.pt --score-thresh 0.3 --device cuda
     python infer.py photo.jpg --weights runs/export/retinanet.onnx     # export.py's file, run by ONNX Runtime
+    python infer.py photo.jpg --amp off                        # float32 where bfloat16 would be used
 
 Writes each image with its boxes, class names and scores drawn into --out, prints a table per image,
 and with --json writes every detection in COCO results format. Everything the model needs (config,
 class names, test scale) comes from the checkpoint. A file that cannot be read is reported in one
-line and skipped; the exit status is 1 when any failed.
+line and skipped; the exit status is 1 when any failed. On a CPU that computes bfloat16 natively (AMX,
+AVX512-BF16) the network runs under bfloat16 autocast (2.7x faster for ResNet-50 on an AMX host), its
+outputs decoded in float32; the shapes val set's AP moves by under 0.005 (README).
 """
 import argparse
 import math
@@ -36,7 +39,7 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 def load_model(weights=DEFAULT_WEIGHTS, device="cpu"):
     """A checkpoint of this project, or 'torchvision' / 'torchvision-v2' (COCO weights, downloaded once)."""
     if weights == DEFAULT_WEIGHTS and not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights}: no checkpoint yet; make one with `python train.py` (7-17 minutes "
+        raise FileNotFoundError(f"{weights}: no checkpoint yet; make one with `python train.py` (5-10 minutes "
                                 f"on a CPU), or pass --weights PATH or --weights torchvision")
     return W.load_checkpoint(weights, device).for_inference()
 
@@ -103,6 +106,8 @@ def get_args_parser():
     p.add_argument("--json", help="write all detections to this file in COCO results format")
     p.add_argument("--score-thresh", type=float, default=0.5, help="show detections above this score")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="autocast: bfloat16 on a CPU, float16 on CUDA (auto: on CPUs with AMX or AVX512-BF16)")
     p.add_argument("--batch-size", type=int, default=4, help="images of any sizes per forward pass")
     p.add_argument("--min-size", type=int, help="override the checkpoint's test scale (shorter side)")
     p.add_argument("--max-size", type=int, help="override the checkpoint's longest side")
@@ -114,6 +119,9 @@ def main(args):
     model = load_model(args.weights, args.device)
     cfg = model.cfg
     cfg.min_size, cfg.max_size = args.min_size or cfg.min_size, args.max_size or cfg.max_size
+    amp, why = M.autocast_choice(args.amp, M.model_device(model))
+    if not isinstance(model, W.OnnxRetinaNet):  # ONNX Runtime runs the exported file's float32
+        print(why)
     os.makedirs(args.out, exist_ok=True)
     paths, failed, results, by_path, used = list_images(args.paths), 0, [], {}, set()
     for start in range(0, len(paths), args.batch_size):
@@ -127,7 +135,7 @@ def main(args):
         if not batch:
             continue
         t0 = time.time()
-        detections = M.detect(model, [image for _, image, _ in batch], score_thresh=args.score_thresh)
+        detections = M.detect(model, [image for _, image, _ in batch], args.score_thresh, amp=amp is not None)
         seconds = (time.time() - t0) / len(batch)
         for (path, image, scale), det in zip(batch, detections):
             stem = os.path.splitext(os.path.basename(path))[0]

@@ -11,6 +11,7 @@ ONNX file, in weights.py.
 Shape legend: N images, R anchors, K classes, M boxes, A anchors per location (9).
 """
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -196,10 +197,50 @@ def model_device(model):
     return param.device if param is not None else torch.device("cpu")
 
 
+def native_bfloat16():
+    """What computes bfloat16 natively for this process's CPU ('AMX' or 'AVX512-BF16'), or None. There,
+    bfloat16 autocast is 1.4-2.7x faster than float32; elsewhere oneDNN emulates it, up to 14x slower
+    (docs/performance.md). The CPU's flags alone do not say it: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA
+    can keep a process below what its CPU has, so the process's own capabilities are asked too."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell here, so float32
+        return None
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if (torch.backends.cpu.get_cpu_capability() != "AVX512" or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            or cap not in ("ALL", "DEFAULT") and not any(s in cap for s in ("BF16", "FP16", "AMX", "AVX10"))):
+        return None
+    if "amx_bf16" in flags and (cap in ("ALL", "DEFAULT") or "AMX" in cap):
+        return "AMX"
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def amp_dtype(device):
+    """Autocast's lower precision on a device: float16 on CUDA (with a loss scaler in training), bfloat16 on a
+    CPU (float32's exponent range: no scaler)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast_choice(amp, device):
+    """The --amp flag of train.py, infer.py and app.py ('auto', 'on' or 'off') on a device, as (autocast dtype
+    or None, a line saying why). on: amp_dtype; auto: bfloat16 on a CPU that computes it natively, float32
+    elsewhere (CUDA included: the paper's runs are float32 unless asked)."""
+    name = "float16" if device.type == "cuda" else "bfloat16"
+    if amp == "on":
+        return amp_dtype(device), f"{name} autocast: on (--amp on)"
+    unit = native_bfloat16() if amp == "auto" and device.type == "cpu" else None
+    if unit:
+        return torch.bfloat16, f"bfloat16 autocast: on ({unit}; --amp off for float32)"
+    why = "--amp off" if amp == "off" else "not native here; --amp on forces it"
+    return None, f"{name} autocast: off ({why})"
+
+
 @torch.inference_mode()
-def detect(model, images, score_thresh=None):
+def detect(model, images, score_thresh=None, amp=False):
     """Detections for a list of (3, H_i, W_i) images of any sizes, in their own pixel coordinates, with the
-    model's InferenceConfig (its score threshold replaced by score_thresh, when given).
+    model's InferenceConfig (its score threshold replaced by score_thresh, when given). amp: the network
+    under autocast (amp_dtype), its outputs decoded in float32.
 
     Each image is padded on its own and batched only with images of the same padded size: no pixel
     is spent on another image's padding, and an image's detections never depend on its companions.
@@ -213,7 +254,9 @@ def detect(model, images, score_thresh=None):
         groups.setdefault(tuple(x.shape[-2:]), []).append(i)
     results = [None] * len(images)
     for shape, members in groups.items():
-        cls_logits, box_deltas = model(torch.cat([singles[i][0] for i in members]))
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+            cls_logits, box_deltas = model(torch.cat([singles[i][0] for i in members]))
+        cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
         anchors, per_level = make_anchors(cfg, shape, device)
         detections = postprocess(cls_logits, box_deltas, anchors, per_level, [singles[i][1][0] for i in members],
                                  [images[i].shape[-2:] for i in members], settings)

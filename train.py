@@ -10,8 +10,9 @@
 With --data the defaults are the paper's (PAPER below): ResNet-50 with ImageNet weights and frozen BN,
 SGD with momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
 500 warmup iterations, LR x0.1 at 60k and 80k of 90k iterations, 800-px images, flips. Without it
-they are the quick start's (QUICKSTART): the shapes set (written if missing), ResNet-18 from scratch
-with trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images, 500 iterations.
+they are the quick start's (QUICKSTART): the shapes set (written if missing), ResNet-10 from scratch
+with trainable BN, 64-channel FPN and heads with GroupNorm, 160-px images, 1,000 iterations, under
+bfloat16 autocast on CPUs that compute it natively (AMX, AVX512-BF16), the losses in float32.
 
 main() sets up (the process, the data, the model, the loss's settings, the optimizer) and calls
 engine.train, the loop (DETR's main.py and engine.py).
@@ -30,7 +31,7 @@ import data as D
 import model as M
 import shapes
 import weights as W
-from engine import category_ids, evaluate, keep_metrics_until, print0, train
+from engine import category_ids, evaluate, keep_metrics_until, print0, probe_layout, train
 from loss import LossConfig
 
 # The recipes --preset chooses from, each spelled out key by key rather than derived from the other, so that
@@ -40,13 +41,14 @@ from loss import LossConfig
 PAPER = dict(arch="resnet50", norm="frozen", freeze_at=2, backbone_weights="imagenet", channels=256, head_norm=None,
              anchor_sizes=[32, 64, 128, 256, 512], min_size=800, max_size=1333, batch_size=16, lr=0.01, iters=90000,
              steps=[60000, 80000], warmup_iters=500, ckpt_every=2000, workers=4, train_split="train2017",
-             val_split="val2017", out="runs/retinanet", size_divisible=32)  # see ModelConfig.size_divisible
-# From scratch on a CPU: ResNet-18 with trainable BN, 64-channel FPN and GroupNorm heads, 160-px shapes
-# (its time and AP against other schedules: docs/performance.md)
-QUICKSTART = dict(arch="resnet18", norm="bn", freeze_at=0, backbone_weights="none", channels=64, head_norm="gn",
-                  anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=500,
-                  steps=[375, 450], warmup_iters=50, ckpt_every=250, workers=1, train_split="train",
-                  val_split="val", out="runs/quickstart", size_divisible=32)
+             val_split="val2017", out="runs/retinanet", size_divisible=32, amp="off")  # see ModelConfig.size_divisible
+# From scratch on a CPU: ResNet-10 with trainable BN, 64-channel FPN and GroupNorm heads, 160-px shapes; 1,000
+# iterations, the LR x0.1 at 70% and 85%, so the last quarter is a plateau (AP against minutes, each lever and
+# host: docs/performance.md); the loader in the training process (2 cores: a worker process took 8%)
+QUICKSTART = dict(arch="resnet10", norm="bn", freeze_at=0, backbone_weights="none", channels=64, head_norm="gn",
+                  anchor_sizes=[16, 32, 64, 128, 256], min_size=160, max_size=160, batch_size=16, lr=0.04, iters=1000,
+                  steps=[700, 850], warmup_iters=50, ckpt_every=250, workers=0, train_split="train",
+                  val_split="val", out="runs/quickstart", size_divisible=32, amp="auto")
 PRESETS = {"paper": PAPER, "quickstart": QUICKSTART}
 QUICKSTART_DATA = "data/shapes"  # the quick start's set, written by shapes.make_shapes when missing
 
@@ -103,8 +105,9 @@ def get_args_parser():
     a("--workers", type=int, help="data loading processes; " + preset("workers"))
     # the machine
     a("--device", help="cpu or cuda (default: cuda when available)")
-    a("--amp", action="store_true", help="mixed precision on CUDA (the losses stay float32)")
-    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="memory format (auto: nhwc on CUDA, AVX-512)")
+    a("--amp", nargs="?", const="on", choices=["auto", "on", "off"], help="autocast: float16 on CUDA, bfloat16 on a "
+      "CPU, the losses float32 (auto: bfloat16 on CPUs with AMX or AVX512-BF16); " + preset("amp"))
+    a("--layout", choices=["auto", "nchw", "nhwc"], default="auto", help="auto: nhwc on CUDA, the faster timed on CPU")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels: --resume reproduces a GPU run too")
     a("--seed", type=int, default=0)
     # the run
@@ -187,13 +190,16 @@ def build_model(args, ds, device):
     return M.RetinaNet(cfg, backbone_weights=weights).to(device)
 
 
-def channels_last(layout, device):
-    """The memory layout of training, by --layout or, for auto, by the device: cuDNN's float16 convolutions
-    prefer channels-last, and so does oneDNN on a CPU with AVX-512; with AVX2 only, oneDNN's channels-last 3x3
-    backward was slower, so NCHW (docs/performance.md)."""
+def channels_last(layout, device, probe=None):
+    """The memory layout of training, as (channels-last?, why): --layout's, or for auto, channels-last on CUDA
+    (cuDNN's float16 convolutions prefer it) and on a CPU the faster of the two as probe() times it
+    (engine.probe_layout; no rule by ISA held on every host, docs/performance.md), NCHW without a probe."""
     if layout != "auto":
-        return layout == "nhwc"
-    return device.type == "cuda" or (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512")
+        return layout == "nhwc", f"--layout {layout}"
+    if device.type == "cuda" or probe is None:
+        return device.type == "cuda", f"--layout auto, {device.type}"
+    nhwc, why = probe()
+    return nhwc, f"--layout auto, the faster here, {why}"
 
 
 def build_optimizer(args, model):
@@ -238,16 +244,16 @@ def main(args):
     loss_cfg = LossConfig(alpha=args.alpha, gamma=args.gamma, box_loss=args.box_loss, ohem_ratio=args.ohem)
     if dist.is_initialized() and model.cfg.norm == "bn":  # trainable BN: normalise over all processes' images
         model = B.sync_batch_norm(model)  # before the optimizer takes the parameters
-    nhwc = channels_last(args.layout, device)
+    amp, why = M.autocast_choice(args.amp, device)
+    print0(why)
+    # DDP: every process must take the same layout, so the rule's (NCHW on a CPU), no probe
+    probe = None if dist.is_initialized() else partial(probe_layout, model, loss_cfg, args.batch_size, amp)
+    nhwc, why = channels_last(args.layout, device, probe)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
-    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else device.type
-    print0(f"memory layout: {'channels-last' if nhwc else 'NCHW'} (--layout {args.layout}, {isa})")
+    print0(f"memory layout: {'channels-last' if nhwc else 'NCHW'} ({why})")
     optimizer, scheduler = build_optimizer(args, model)
-    amp = args.amp and device.type == "cuda"
-    if args.amp and not amp:
-        print0("--amp needs CUDA: training in float32")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     start = 0
     if args.resume:
         start = W.restore(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, scaler, device)
@@ -260,7 +266,7 @@ def main(args):
     stats = train(ddp_model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, start=start, iters=args.iters,
                   out=args.out, batch_size=args.batch_size, log_every=args.log_every, ckpt_every=args.ckpt_every,
                   eval_at=args.eval_at, final_eval=not args.no_eval, eval_workers=min(args.workers, 2),
-                  run_args=vars(args))
+                  run_args=vars(args), amp=amp)
     if stats and not args.no_eval:
         print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
     if dist.is_initialized():
@@ -269,7 +275,8 @@ def main(args):
 
 
 def evaluate_only(args, device, rank, world):
-    """--eval-only: COCO AP of --weights on the val split, refused before any image when its classes differ."""
+    """--eval-only: COCO AP of --weights on the val split (under --amp's autocast, as infer.py detects), refused
+    before any image when its classes differ."""
     if not args.weights:
         raise ValueError("--eval-only needs --weights CHECKPOINT")
     model, val = W.load_checkpoint(args.weights, device), datasets(args, train=False)[1]
@@ -277,7 +284,9 @@ def evaluate_only(args, device, rank, world):
         category_ids(model.cfg, val)  # a model of other classes: one line naming both files
     except ValueError as e:
         raise ValueError(f"{args.weights}: {e}") from None
-    stats = evaluate(model, val, rank=rank, world=world, out_dir=args.out)
+    amp, why = M.autocast_choice(args.amp, device)
+    print0(why)
+    stats = evaluate(model, val, rank=rank, world=world, out_dir=args.out, amp=amp is not None)
     print0(json.dumps(stats))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -45,7 +45,7 @@ BACKBONE = "runs/pretrain/resnet18_dense.pth"  # written by study/pretrain.py
 DENSE = dict(arch="resnet18", norm="frozen", freeze_at=2, backbone_weights=BACKBONE, channels=64,
              head_norm="gn", anchor_sizes=[16, 32, 64, 128, 256], min_size=192, max_size=192, batch_size=8, lr=0.04,
              iters=800, steps=[600, 720], warmup_iters=100, ckpt_every=200, workers=1, train_split="train",
-             val_split="val", out="runs/dense", size_divisible=32)
+             val_split="val", out="runs/dense", size_divisible=32, amp="off")  # float32, as every study run was
 
 
 def train_flags(flags):

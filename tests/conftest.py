@@ -22,6 +22,19 @@ def shared_path(*parts):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layout_cache(tmp_path_factory):
+    """train.py's layout probe (engine.probe_layout) keeps its answers under XDG_CACHE_HOME: a fresh one for the
+    tests (subprocesses too), not the user's ~/.cache."""
+    path = str(tmp_path_factory.mktemp("cache"))
+    old, os.environ["XDG_CACHE_HOME"] = os.environ.get("XDG_CACHE_HOME"), path
+    yield path
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     """8 train and 4 val shapes images of 96 px."""

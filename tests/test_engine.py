@@ -1,5 +1,6 @@
 """engine.py's loop: a non-finite loss, gradient, weight or buffer stops the run at its last good checkpoint and
-never reaches one; the log has each iteration once after a crash and a resume, and its first row shows the prior."""
+never reaches one; the log has each iteration once after a crash and a resume, and its first row shows the prior;
+bfloat16 autocast trains as float32 does; the layout probe keeps the faster layout."""
 import math
 import os
 
@@ -10,6 +11,7 @@ import engine
 import train
 import weights as W
 from conftest import read_metrics, run
+from loss import LossConfig
 
 
 @pytest.mark.parametrize("poison,message", [
@@ -99,3 +101,42 @@ def test_the_first_steps_log_shows_the_prior(tiny_shapes, tmp_path):
     assert first["neg_logit"] == pytest.approx(-math.log(99), abs=0.05)
     assert first["pos_logit"] == pytest.approx(-math.log(99), abs=0.05)
     assert first["grad_norm"] > 0 and first["cls"] > 0
+
+
+def test_bfloat16_autocast_trains_as_float32_does_with_float32_losses_and_weights(tiny_shapes, tmp_path):
+    """--amp on a CPU: the network under bfloat16 autocast, the losses and the weights float32. Its first steps'
+    losses are float32's to bfloat16's 8-bit mantissa (a few 1e-3 relative), not equal to them (autocast was on),
+    and its gradient norm is logged (no loss scaler to hide it behind, unlike float16 on CUDA)."""
+    rows, models = {}, {}
+    for amp in ("off", "on"):
+        out = str(tmp_path / amp)
+        models[amp] = run(tiny_shapes, out, iters=2, amp=amp, **{"no-eval": True})["model"]
+        rows[amp] = read_metrics(out)
+    first, bf16 = rows["off"][0], rows["on"][0]  # the same weights and batch at iteration 1
+    assert bf16["loss"] == pytest.approx(first["loss"], rel=2e-2) and bf16["loss"] != first["loss"]
+    assert bf16["grad_norm"] == pytest.approx(first["grad_norm"], rel=5e-2)
+    assert all(p.dtype == torch.float32 for p in models["on"].parameters())
+
+
+def test_the_layout_probe_keeps_the_faster_layout_caches_it_and_leaves_the_run_untouched(tiny_checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    model, cache = W.load_checkpoint(tiny_checkpoint).train(), str(tmp_path / "layouts.json")
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    nhwc, why = engine.probe_layout(model, LossConfig(), 2, cache=cache)  # real iterations, both layouts
+    assert isinstance(nhwc, bool) and why.startswith("measured") and os.path.exists(cache)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN statistics included
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream: its batches, its flips
+    clock, seen = [0.0], []
+
+    def fake_step(net, *args):  # channels-last takes 1 s here, NCHW 3 s
+        fast = net.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        seen.append(fast)
+        clock[0] += 1.0 if fast else 3.0
+
+    monkeypatch.setattr(engine, "forward_backward", fake_step)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    nhwc, why = engine.probe_layout(model, LossConfig(), 3, cache=cache)  # another batch: measured
+    assert nhwc and seen == [False] * 3 + [True] * 3 and "3.000 s an iteration NCHW, 1.000 s channels-last" in why
+    seen.clear()
+    assert engine.probe_layout(model, LossConfig(), 3, cache=cache)[0] and not seen  # from the cache
+    assert engine.probe_layout(model, LossConfig(), 3, amp=torch.bfloat16, cache=cache)[0] and seen

@@ -29,7 +29,7 @@ def test_a_torchvision_model_scores_ap_1_with_the_ground_truth_as_its_detections
     ds = coco_subset()
     truth = iter(ds.targets)
 
-    def detect(model, images, score_thresh=None):  # model.detect's signature
+    def detect(model, images, score_thresh=None, amp=False):  # model.detect's signature
         return [{"boxes": b, "scores": torch.ones(len(b)), "labels": torch.tensor([ds.cat_ids[i] for i in lab.tolist()],
                  dtype=torch.long)} for b, lab in (next(truth) for _ in images)]
 

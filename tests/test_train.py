@@ -13,10 +13,12 @@ import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 import data as D
+import model as M
 import shapes
 import train
 import weights as W
 from conftest import ROOT, read_metrics, run, shared_path, tiny_flags
+from engine import evaluate
 
 
 def test_one_step_changes_the_weights_and_gives_finite_losses(tiny_shapes, tmp_path):
@@ -152,12 +154,36 @@ def test_resume_with_amp_from_a_float32_run_starts_a_fresh_loss_scale(tiny_check
     assert fresh.get_scale() == 2.0**7
 
 
-def test_auto_layout_is_channels_last_on_cuda_and_on_avx512_cpus_only(monkeypatch):
+def test_auto_layout_is_channels_last_on_cuda_and_on_a_cpu_the_probes_answer():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for isa, want in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
-        assert train.channels_last("auto", cpu) is want and train.channels_last("auto", cuda)
-        assert not train.channels_last("nchw", cuda) and train.channels_last("nhwc", cpu)
+    assert train.channels_last("auto", cuda) == (True, "--layout auto, cuda")
+    assert train.channels_last("auto", cpu) == (False, "--layout auto, cpu")  # no probe (DDP): NCHW
+    for nhwc in (True, False):  # no rule by ISA: engine.probe_layout times both
+        got = train.channels_last("auto", cpu, probe=lambda nhwc=nhwc: (nhwc, "measured: ..."))
+        assert got == (nhwc, "--layout auto, the faster here, measured: ...")
+    assert train.channels_last("nchw", cuda, probe=lambda: 1 / 0) == (False, "--layout nchw")
+    assert train.channels_last("nhwc", cpu, probe=lambda: 1 / 0) == (True, "--layout nhwc")
+
+
+def test_autocast_is_bfloat16_on_a_cpu_where_it_is_native_and_float16_on_cuda(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for unit in ("AMX", "AVX512-BF16", None):
+        monkeypatch.setattr(M, "native_bfloat16", lambda unit=unit: unit)
+        dtype, why = M.autocast_choice("auto", cpu)
+        assert dtype == (torch.bfloat16 if unit else None) and (unit or "not native") in why
+        assert M.autocast_choice("auto", cuda)[0] is None  # the paper's GPU runs stay float32 unless asked
+        assert M.autocast_choice("off", cpu)[0] is None and M.autocast_choice("on", cpu)[0] == torch.bfloat16
+        assert M.autocast_choice("on", cuda)[0] == torch.float16
+
+
+def test_bfloat16_is_not_native_where_the_process_is_kept_to_avx2():
+    """The CPU's flags say nothing of what a process may run: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap it,
+    and oneDNN then emulates bfloat16 (14x slower). Those caps must turn auto off, whatever the CPU has."""
+    code = "import model; print(model.native_bfloat16())"
+    for env in ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == "None", (env, out)
 
 
 def test_deterministic_and_channels_last_train_as_an_nchw_run(tiny_shapes, tmp_path, monkeypatch):
@@ -180,6 +206,17 @@ def test_deterministic_and_channels_last_train_as_an_nchw_run(tiny_shapes, tmp_p
         # another summation order, amplified where batch norm's gradients cancel over 2 images (grows with the
         # thread count's split), after two steps at LR 0.08: close to a few 1e-3, where a wrong layout is garbage
         torch.testing.assert_close(nhwc.state_dict()[k], v, rtol=0, atol=5e-3)
+
+
+def test_eval_only_scores_under_the_autocast_amp_asks_for(tiny_shapes, tiny_checkpoint, tmp_path):
+    """--eval-only --amp on|off: the AP of the checkpoint's detections in bfloat16 or float32 (the README's
+    comparison), each evaluate's with that autocast; the detections themselves differ (scores in low bits)."""
+    ds, results = D.CocoDetection(*D.coco_paths(tiny_shapes, "val")), {}
+    for amp in ("off", "on"):
+        got = run(tiny_shapes, str(tmp_path / amp), **{"eval-only": True, "weights": tiny_checkpoint, "amp": amp})
+        assert got["stats"] == evaluate(W.load_checkpoint(tiny_checkpoint), ds, amp=amp == "on")
+        results[amp] = (tmp_path / amp / "results.json").read_text()
+    assert results["on"] != results["off"]
 
 
 def test_eval_only_refuses_a_model_of_other_classes_before_running_it(tiny_checkpoint, tmp_path):

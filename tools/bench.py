@@ -8,8 +8,10 @@ Both models hold the same weights (ours converted with weights.from_torchvision)
 fine-tuning setup: frozen batch norm, stem and res2 frozen, 80 classes. They alternate over --repeats
 after a warm-up; the table gives the medians and ours / torchvision, and each row says whether the
 two results agreed (losses within 1e-4 relative, the same detections, the same assignments).
-One row races the quick start's training iteration (train.QUICKSTART: ResNet-18 from scratch, 16 images of
-160 px) against the same detector built from torchvision's parts, ours in the layout train.py picks.
+One row races the quick start's training iteration (train.QUICKSTART: ResNet-10 from scratch, 16 images of
+160 px) against the same detector built from torchvision's parts, ours in the layout train.py picks; on a CPU
+that computes bfloat16 natively, again with both under bfloat16 autocast (train.py's default there), and
+ResNet-50 inference with ours under bfloat16 against torchvision's float32, checked by COCO AP (bench_pairs).
 The pairs and their checks are in bench_pairs.py.
 Peak memory is measured in a fresh process per model. The table also goes to bench.json.
 """
@@ -27,8 +29,10 @@ import torch
 
 import data as D
 import export
+import model as M
 import train
 import weights as W
+from engine import probe_layout
 from tools import bench_pairs as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,15 +128,18 @@ def main(args):
                                                          p["repeats"], p["warmup"], device),
             P.check_train_losses(*pair, images, targets, amp=True), 0.6)
     tv_q, ours_q, loss_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
-    if train.channels_last("auto", device):
-        ours_q = ours_q.to(memory_format=torch.channels_last)
-    n, q = p["quickstart_batch"], train.QUICKSTART["min_size"]
+    n, q, q_arch = p["quickstart_batch"], train.QUICKSTART["min_size"], train.QUICKSTART["arch"]
     images_q = [torch.rand(3, q, q, generator=g).to(device) for _ in range(n)]
     targets_q = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(n, (q, q), g, num_classes=4)]
-    ok, message = P.check_train_losses(tv_q, ours_q, loss_q, images_q, targets_q)
-    times = race(*P.train_steps(tv_q, ours_q, loss_q, images_q, targets_q), p["repeats"], p["warmup"], device)
-    row(f"quick start's training iteration: ResNet-18, {n} x {q}x{q}, 4 classes", times,
-        (ok, f"{message}; {n / times[1]:.1f} vs {n / times[0]:.1f} images/s"), 1.0)
+    for amp in [False] + [True] * bool(device.type == "cpu" and M.native_bfloat16()):  # bfloat16: train.py's here
+        nhwc = device.type == "cuda" or probe_layout(ours_q, loss_q, n, torch.bfloat16 if amp else None)[0]
+        ours_q = ours_q.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # train.py's
+        ok, message = P.check_train_losses(tv_q, ours_q, loss_q, images_q, targets_q, amp=amp)
+        times = race(*P.train_steps(tv_q, ours_q, loss_q, images_q, targets_q, amp=amp), p["repeats"], p["warmup"],
+                     device)
+        row(f"quick start's training iteration: {q_arch}, {n} x {q}x{q}, 4 classes" + (", both under bfloat16 "
+            "autocast" if amp else ""), times, (ok, f"{message}; {n / times[1]:.1f} vs {n / times[0]:.1f} images/s"),
+            1.0)
     if device.type == "cuda":  # the memory row, measured now on this training pair, is printed last
         peaks, how = [cuda_peak_memory(step) for step in P.train_steps(*pair, images, targets)], "CUDA allocated"
     else:
@@ -150,6 +157,14 @@ def main(args):
         check = P.same_detections(tv_run(), our_run())
         row(f"inference with pre/postprocessing: {n} x {h}x{w}",
             race(tv_run, our_run, p["repeats"], p["warmup"], device), check, 0.9)
+    if device.type == "cpu" and M.native_bfloat16():  # infer.py's and app.py's default on this CPU (--amp auto)
+        imgs = batches[p["infer_batch"]]
+        coco = os.environ.get("RETINANET_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+        check = ((None, "AP not checked with --quick") if args.quick else
+                 P.bfloat16_coco_ap(os.path.join(coco, "coco_val2017_subset")))
+        row(f"inference, ours under bfloat16 autocast ({M.native_bfloat16()}), torchvision float32: {len(imgs)} x "
+            f"{h}x{w}", race(*P.inference_pair(tv, ours, imgs, amp=True), p["repeats"], p["warmup"], device), check,
+            0.5)
     if device.type == "cpu":  # the exported network on ONNX Runtime's CPU provider, inside our model.detect
         with tempfile.TemporaryDirectory() as tmp:
             export.export_onnx(ours, os.path.join(tmp, "retinanet.onnx"))

@@ -7,18 +7,21 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
 from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.resnet import ResNet
 from torchvision.ops import FrozenBatchNorm2d, box_iou, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import anchors as A
+import backbone as B
+import data as D
 import model as M
 import train
 import weights as W
+from engine import evaluate
 from loss import LossConfig, fused_focal_loss, retinanet_loss
 
 
@@ -47,12 +50,13 @@ def make_pair(size, device, seed=0):
 
 
 def make_quickstart_pair(device, num_classes=4, seed=0):
-    """The quick start's detector (train.QUICKSTART: ResNet-18 with trainable BN, 64-channel FPN, GroupNorm
+    """The quick start's detector (train.QUICKSTART: ResNet-10 with trainable BN, 64-channel FPN, GroupNorm
     heads, anchors 16-256, 160 px) built from torchvision's parts, and ours with its weights, in training mode,
     and the loss both compute: (tv, ours, loss_cfg)."""
     q = train.QUICKSTART
     torch.manual_seed(seed)
-    body = resnet18(weights=None)  # trainable BatchNorm2d, as the quick start trains from scratch
+    block, layers = B.ARCHS[q["arch"]][:2]
+    body = ResNet(block, layers)  # torchvision's ResNet, trainable BatchNorm2d: the quick start trains from scratch
     c = q["channels"]
     backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], c,
                                extra_blocks=LastLevelP6P7(512, c))  # 512 != 64 in channels: P6 from C5 (paper)
@@ -137,14 +141,29 @@ def check_train_losses(tv, ours, loss_cfg, images, targets, amp=False):
     return worst < tol, f"max relative loss difference {worst:.1e}" + (" (mixed precision)" if amp else "")
 
 
-def inference_pair(tv, ours, images):
+def inference_pair(tv, ours, images, amp=False):
+    """torchvision's inference and ours (model.detect; amp: under autocast, bfloat16 on a CPU)."""
     tv.eval()
 
     def tv_run():
         with torch.inference_mode():
             return tv(images)
 
-    return tv_run, lambda: M.detect(ours, images)
+    return tv_run, lambda: M.detect(ours, images, amp=amp)
+
+
+def bfloat16_coco_ap(coco_root):
+    """The check the bfloat16 inference row needs: bfloat16 detections are not float32's to a tolerance (scores
+    move by ~1e-3, near-ties swap in top-k), so their COCO AP is compared, with torchvision's COCO weights (ours
+    in float32 gives torchvision's detections: the float32 row) on the genuine val2017 photos under coco_root.
+    |AP difference| <= 0.005 passes. Returns (passed, message); without the weights (offline): (None, why)."""
+    try:
+        model = W.load_torchvision(1)
+    except RuntimeError as e:
+        return None, f"AP not checked: {str(e).split(';')[0]}"
+    ds = D.CocoDetection(*D.coco_paths(coco_root, "val2017"))
+    fp32, bf16 = (evaluate(model, ds, amp=amp)["AP"] for amp in (False, True))
+    return abs(bf16 - fp32) <= 0.005, f"COCO AP on {len(ds)} val2017 photos {bf16:.4f} (bfloat16), {fp32:.4f} (float32)"
 
 
 def same_detections(expected, got, score_atol=1e-5, box_atol=1e-3, box_rtol=1e-6):

@@ -5,7 +5,9 @@ import sys
 
 import torch
 
-from conftest import ROOT
+import model as M
+import weights as W
+from conftest import ROOT, shared_path
 from tools import bench, bench_pairs
 
 
@@ -15,7 +17,9 @@ def test_quick_bench_runs_and_its_equality_checks_pass(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.load(open(out))["rows"]
-    assert len(rows) == 9 and all(r["equal"] for r in rows), [r["check"] for r in rows]
+    bf16 = 2 if M.native_bfloat16() else 0  # the quick start's iteration and ResNet-50 inference under bfloat16
+    assert len(rows) == 9 + bf16 and all(r["equal"] is not False for r in rows), [r["check"] for r in rows]
+    assert [r["check"] for r in rows if r["equal"] is None] == ["AP not checked with --quick"] * (bf16 // 2)
     assert all(r["ours"] > 0 and r["torchvision"] > 0 for r in rows)
     assert "| training step" in proc.stdout  # the markdown table is printed
 
@@ -71,3 +75,30 @@ def test_same_detections_pairs_tied_scores_in_either_order_and_catches_a_moved_b
     twice = {k: v[[0, 0, 2]] for k, v in det.items()}  # one detection standing in for two
     assert not any(bench_pairs.same_detections([det], [d])[0] for d in (moved, relabelled, fewer, twice))
     assert not bench_pairs.same_detections([det, det], [det])[0]
+
+
+def test_the_bfloat16_row_compares_coco_ap_on_the_genuine_photos(monkeypatch):
+    """The bfloat16 inference row's check, run as the full bench runs it, with a randomly initialised torchvision
+    model in place of its COCO weights (offline here) at a small scale: both APs computed, their difference
+    judged; and offline it says it did not check rather than pass."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    coco = shared_path("coco_val2017_subset")
+    torch.manual_seed(0)
+    model = W.from_torchvision(retinanet_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), 1)
+    model.cfg.category_ids, model.cfg.min_size, model.cfg.max_size = tuple(range(91)), 128, 213
+    runs = []
+    monkeypatch.setattr(bench_pairs, "evaluate", lambda m, ds, amp: runs.append(amp) or {"AP": 0.1 + 0.01 * amp})
+    monkeypatch.setattr(W, "load_torchvision", lambda version: model.eval())
+    ok, message = bench_pairs.bfloat16_coco_ap(coco)
+    assert ok is False and runs == [False, True] and "0.1100 (bfloat16), 0.1000 (float32)" in message
+    monkeypatch.undo()
+    monkeypatch.setattr(W, "load_torchvision", lambda version: model.eval())
+    ok, message = bench_pairs.bfloat16_coco_ap(coco)  # the real evaluation of both, on the 20 photos: random
+    assert ok and "on 20 val2017 photos" in message, message  # weights score ~0 AP either way
+
+    def offline(version):
+        raise RuntimeError("could not download https://x (offline); without internet, use a checkpoint")
+
+    monkeypatch.setattr(W, "load_torchvision", offline)
+    assert bench_pairs.bfloat16_coco_ap(coco) == (None, "AP not checked: could not download https://x (offline)")
