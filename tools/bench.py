@@ -120,18 +120,19 @@ def main(args):
     pair = P.make_pair((s, s), device)  # (torchvision's, ours, torchvision's loss settings)
     images = [torch.rand(3, s, s, generator=g).to(device) for _ in range(2)]
     targets = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(2, (s, s), g)]
+    # Checked before any race: each side steps on its own loss (normalised its own way), so their weights part.
     check = P.check_train_losses(*pair, images, targets)
+    amp_check = P.check_train_losses(*pair, images, targets, amp=True) if device.type == "cuda" else None
     row(f"training step: ResNet-50, 2 x {s}x{s}, 80 classes", race(*P.train_steps(*pair, images, targets),
                                                                   p["repeats"], p["warmup"], device), check, 0.6)
     if device.type == "cuda":
         row(f"training step with AMP, 2 x {s}x{s}", race(*P.train_steps(*pair, images, targets, amp=True),
-                                                         p["repeats"], p["warmup"], device),
-            P.check_train_losses(*pair, images, targets, amp=True), 0.6)
-    tv_q, ours_q, loss_q = P.make_quickstart_pair(device)  # the quick start's iteration, as train.py runs it
+                                                         p["repeats"], p["warmup"], device), amp_check, 0.6)
     n, q, q_arch = p["quickstart_batch"], train.QUICKSTART["min_size"], train.QUICKSTART["arch"]
     images_q = [torch.rand(3, q, q, generator=g).to(device) for _ in range(n)]
     targets_q = [{k: v.to(device) for k, v in t.items()} for t in P.random_targets(n, (q, q), g, num_classes=4)]
     for amp in [False] + [True] * bool(device.type == "cpu" and M.native_bfloat16()):  # bfloat16: train.py's here
+        tv_q, ours_q, loss_q = P.make_quickstart_pair(device)  # the quick start's iteration, fresh for each arm
         nhwc = device.type == "cuda" or probe_layout(ours_q, loss_q, n, torch.bfloat16 if amp else None)[0]
         ours_q = ours_q.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # train.py's
         ok, message = P.check_train_losses(tv_q, ours_q, loss_q, images_q, targets_q, amp=amp)
