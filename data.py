@@ -73,6 +73,14 @@ def load_coco(ann_file):
         raise ValueError(f"{ann_file}: not COCO instances format (no {', '.join(missing)})")
     if not data["images"]:
         raise ValueError(f"{ann_file}: the dataset has no images")
+    cats, images = {c["id"] for c in data["categories"]}, {im["id"] for im in data["images"]}
+    for ann in data["annotations"]:  # before any target is built: one line, not a KeyError deep in training
+        if ann.get("category_id") not in cats:
+            raise ValueError(f"{ann_file}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, "
+                             f"which is not among its {len(cats)} categories")
+        if ann.get("image_id") not in images:
+            raise ValueError(f"{ann_file}: annotation {ann.get('id')} has image_id {ann.get('image_id')}, "
+                             f"which is not among its {len(images)} images")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."

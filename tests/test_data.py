@@ -80,6 +80,13 @@ def test_bad_annotation_files_give_one_line_errors(tmp_path):
         D.CocoDetection(str(listed), str(tmp_path))
     with pytest.raises(ValueError, match="ann.json: the dataset has no images"):
         D.CocoDetection(*write_coco(tmp_path, [], []))
+    image = [{"id": 1, "file_name": "a.jpg", "width": 96, "height": 96}]
+    box = {"image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20], "iscrowd": 0}
+    with pytest.raises(ValueError, match="ann.json: annotation 7 has category_id 999, which is not among its 1 "
+                                         "categories"):
+        D.CocoDetection(*write_coco(tmp_path, image, [{**box, "id": 6}, {**box, "id": 7, "category_id": 999}]))
+    with pytest.raises(ValueError, match="ann.json: annotation 8 has image_id 2, which is not among its 1 images"):
+        D.CocoDetection(*write_coco(tmp_path, image, [{**box, "id": 8, "image_id": 2}]))
 
 
 def test_bad_boxes_are_counted_and_bad_images_skipped(tmp_path, tiny_shapes):
