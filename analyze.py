@@ -29,7 +29,7 @@ import infer
 import model as M
 import train
 import weights as W
-from engine import category_ids, evaluate
+from evaluate import category_ids, evaluate
 from fig4 import cache_key, easy_share, fig4, focal_values, load_or_collect, where_the_loss_goes
 from loss import LossConfig
 from study import ablate, dense, endpoint

@@ -31,7 +31,7 @@ import model as M
 import shapes
 import train
 import weights as W
-from engine import category_ids
+from evaluate import category_ids
 from loss import LossConfig
 from study import dense
 

@@ -19,10 +19,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
-
-STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def write_atomic(path, write):
@@ -237,30 +234,3 @@ class BatchStream(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.iters - self.start
-
-
-def coco_results(detections, image_ids, cat_ids):
-    """Detections ({"boxes" xyxy, "scores", "labels"} per image) -> COCO results (xywh, category ids)."""
-    results = []
-    for det, img_id in zip(detections, image_ids):
-        boxes = det["boxes"].tolist()
-        for (x1, y1, x2, y2), s, lab in zip(boxes, det["scores"].tolist(), det["labels"].tolist()):
-            results.append({"image_id": int(img_id), "category_id": int(cat_ids[lab]),
-                            "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)], "score": round(s, 5)})
-    return results
-
-
-def coco_evaluate(coco_gt, results, image_ids=None):
-    """COCOeval (bbox) of COCO results against coco_gt: the 12 summary numbers as a dict."""
-    if not results:
-        return dict.fromkeys(STATS, 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-    ev = COCOeval(coco_gt, coco_dt, "bbox")
-    if image_ids is not None:
-        ev.params.imgIds = sorted(image_ids)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.evaluate()
-        ev.accumulate()
-    ev.summarize()
-    return {k: float(v) for k, v in zip(STATS, ev.stats)}

@@ -1,15 +1,9 @@
-"""The training loop and COCO evaluation (§4.1 "Optimization", §5), as DETR's engine.py: train.py sets a run
-up and calls `train`, an iteration of which is `forward_backward` (forward, loss, backward) then the SGD step;
-`evaluate` scores a model with pycocotools, for training, analyze.py and `train.py --eval-only`.
+"""The training loop (§4.1 "Optimization"), as DETR's engine.py: train.py sets a run up and calls `train`, an
+iteration of which is `forward_backward` (forward, loss, backward) then the SGD step; evaluations (evaluate.py)
+at --eval-at and at the end, the best of them kept as best.pt.
 
     python train.py                                                           # trains, evaluates at the end
-    python train.py --eval-only --weights runs/quickstart/checkpoint.pt       # evaluate only
-    python analyze.py eval --weights CKPT --data DATA --split val2017
-
-Evaluation: the model detects on each image (model.detect), its labels become the dataset's category ids
-through the checkpoint's own `category_ids` (a model trained on COCO knows COCO's ids; torchvision's
-91 outputs are indexed by category id), and pycocotools scores the results (data.coco_evaluate).
-A model whose classes are not the dataset's is refused before any image is run.
+    python train.py --eval-at 250 500 750 --out runs/quickstart               # AP against iterations, best.pt
 
 A run's log, OUT/metrics.jsonl, has a row every --log-every iterations (losses, LR, images/s, the
 gradient norm and the classifier's monitor) and one at each evaluation; OUT/loss.png draws it.
@@ -28,6 +22,7 @@ from tqdm import tqdm
 import data as D
 import model as M
 import weights as W
+from evaluate import STATS, evaluate
 from loss import MONITOR, retinanet_loss
 
 
@@ -38,17 +33,21 @@ def print0(*a, **kw):
 
 
 def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, start, iters, out, batch_size,
-          log_every=20, ckpt_every=1000, eval_at=(), final_eval=True, eval_workers=0, run_args=None, amp=None):
+          log_every=20, ckpt_every=1000, eval_at=(), final_eval=True, eval_workers=0, run_args=None, amp=None,
+          clip_grad=None):
     """The loop (§4.1), from iteration `start` to `iters`: an SGD step an iteration; a log row every log_every;
     COCO evaluations at eval_at and at the end (final_eval, also when resumed after the last iteration); a
-    checkpoint every ckpt_every and at the end, to out/checkpoint.pt with run_args (train.py's flags). A
-    non-finite loss or gradient stops the run before its step writes NaN into the weights, naming the last good
-    checkpoint. model: the network, or under DDP its DistributedDataParallel wrapper (nanoGPT's raw_model is
-    what is evaluated and saved). amp: autocast's dtype in training (None: float32); evaluations are float32.
+    checkpoint every ckpt_every and at the end, to out/checkpoint.pt with run_args (train.py's flags); with eval_at,
+    the weights of the best evaluation so far (COCO AP) also to out/best.pt, with that evaluation. A non-finite
+    loss or gradient stops the run before its step writes NaN into the weights, naming the last good checkpoint;
+    clip_grad: the gradients' total norm clipped to it before each step (None: not clipped, as the paper).
+    model: the network, or under DDP its DistributedDataParallel wrapper (nanoGPT's raw_model is what is evaluated
+    and saved). amp: autocast's dtype in training (None: float32); evaluations are float32.
     Returns the last evaluation's COCO numbers (None without one)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     ckpt_path, last_good, stats, t0 = os.path.join(out, "checkpoint.pt"), None, None, time.time()
+    best_path, best = os.path.join(out, "best.pt"), best_so_far(out, start)
     pixels, anchor_cache = [0, 0], {}  # pixels in the batches, of the images (1.0: no padding); anchors a size
     bar = tqdm(total=iters, initial=start, disable=rank != 0, dynamic_ncols=True)
     model.train()
@@ -56,14 +55,9 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
         pixels[0] += images[:, 0].numel()
         pixels[1] += sum(h * w for h, w in (t["size"] for t in targets))
         values = forward_backward(model, raw_model.cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache,
-                                  amp)
+                                  amp, clip_grad)
         where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"iteration {it}: loss is {values['loss']}; stopped. Last good checkpoint: "
-                                     f"{where}")
-        if values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
-            raise FloatingPointError(f"iteration {it}: gradient norm is {values['grad_norm']} with a finite loss "
-                                     f"({values['loss']:.4g}); stopped. Last good checkpoint: {where}")
+        stop_if_not_finite(values, it, where)  # before the step writes NaN into the weights
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -76,11 +70,15 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
         bar.update(1)
         if done in eval_at or (done == iters and final_eval):  # AP against iterations
             t_eval = time.time()
-            stats = evaluate(raw_model, val_ds, rank=rank, world=world, workers=eval_workers,
-                             out_dir=out if done == iters else None)
-            t0 += time.time() - t_eval  # images/s counts training time only
+            stats = evaluate(raw_model, val_ds, rank=rank, world=world, workers=eval_workers, out_dir=out)
             if rank == 0:
-                log(out, {"iter": done, "eval": stats})
+                log(out, {"iter": done, "eval": {k: stats[k] for k in STATS}})
+                if eval_at and stats["AP"] > best:  # kept by val AP, as detectron2's BestCheckpointer
+                    W.save_checkpoint(best_path, raw_model, optimizer, scheduler, scaler, done, loss_cfg, run_args,
+                                      {k: stats[k] for k in STATS})
+                    print0(f"best.pt: AP {stats['AP']:.3f} at iteration {done} (before: {max(best, 0):.3f})")
+                    best = stats["AP"]
+            t0 += time.time() - t_eval  # images/s counts training time only
         if done % ckpt_every == 0 or done == iters:
             W.check_finite(raw_model, done, where)  # on every rank: the weights are the same on all
             if rank == 0:
@@ -96,12 +94,36 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
     return stats
 
 
-def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache, amp=None):
+def stop_if_not_finite(values, it, where):
+    """FloatingPointError naming the last good checkpoint (`where`) when iteration it's loss or gradient norm is not
+    finite (clipping cannot mend an infinite norm)."""
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"iteration {it}: loss is {values['loss']}; stopped. Last good checkpoint: {where}")
+    if values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
+        raise FloatingPointError(f"iteration {it}: gradient norm is {values['grad_norm']} with a finite loss "
+                                 f"({values['loss']:.4g}); stopped. Last good checkpoint: {where}")
+
+
+def best_so_far(out, start):
+    """The best val AP in out/metrics.jsonl up to iteration `start` (a resumed run's; its best.pt was written then),
+    -1 when none; a run that starts afresh removes an earlier run's best.pt."""
+    if start == 0:
+        if os.path.exists(os.path.join(out, "best.pt")):
+            os.remove(os.path.join(out, "best.pt"))
+        return -1.0
+    if not os.path.exists(os.path.join(out, "metrics.jsonl")):
+        return -1.0
+    return max((r["eval"]["AP"] for r in read_metrics(out) if "eval" in r and r["iter"] <= start), default=-1.0)
+
+
+def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache, amp=None,
+                     clip_grad=None):
     """One iteration's forward, loss (§4 "Training") and backward: the gradients, not yet the optimizer's step.
-    Returns the loss and its parts (all-reduced: every process sees the same), the gradient norm (None under
-    float16 AMP, whose scaler skips non-finite steps itself) and the classifier's monitor (this process's images),
-    as floats. anchor_cache: {padded size: (R, 4) anchors}, filled as sizes come. amp: autocast's dtype for the
-    network (float16 with the scaler on CUDA, bfloat16 on a CPU) or None; the losses are float32 either way."""
+    Returns the loss and its parts (all-reduced: every process sees the same), the gradient norm before clipping
+    (None under float16 AMP without clip_grad, whose scaler skips non-finite steps itself) and the classifier's
+    monitor (this process's images), as floats. clip_grad: the total norm the gradients are clipped to.
+    anchor_cache: {padded size: (R, 4) anchors}, filled as sizes come. amp: autocast's dtype for the network
+    (float16 with the scaler on CUDA, bfloat16 on a CPU) or None; the losses are float32 either way."""
     device = M.model_device(model)
     x = M.normalize(images.to(device, non_blocking=True), cfg)
     with torch.autocast(device.type, dtype=amp or torch.float16, enabled=amp is not None):
@@ -114,13 +136,17 @@ def forward_backward(model, cfg, loss_cfg, images, targets, optimizer, scaler, a
     loss = losses["cls"] + losses["box"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    grads = [] if scaler.is_enabled() else [p.grad for g in optimizer.param_groups for p in g["params"]
-                                             if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+    if scaler.is_enabled() and clip_grad:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones (the AMP recipe of PyTorch's docs)
+    params = [] if scaler.is_enabled() and not clip_grad else [p for g in optimizer.param_groups for p in g["params"]
+                                                                  if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else loss.new_zeros(())
+    if clip_grad:  # each gradient x min(1, clip_grad / norm): the direction kept, the step bounded
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
     loss_value, cls_value, box_value, grad_norm, *watch = torch.cat([  # one device sync for all
         all_reduce_mean(torch.stack([loss, losses["cls"], losses["box"]]).detach()), norm.reshape(1),
         losses["monitor"]]).tolist()
-    return {"loss": loss_value, "cls": cls_value, "box": box_value, "grad_norm": None if not grads else grad_norm,
+    return {"loss": loss_value, "cls": cls_value, "box": box_value, "grad_norm": None if not params else grad_norm,
             **{k: None if math.isnan(v) else round(v, 5) for k, v in zip(MONITOR, watch)}}
 
 
@@ -165,6 +191,18 @@ def probe_layout(model, loss_cfg, batch_size, amp=None, steps=3, cache=None):
     return s["nhwc"] < s["nchw"], f"{how}: {s['nchw']:.3f} s an iteration NCHW, {s['nhwc']:.3f} s channels-last"
 
 
+def channels_last(layout, device, probe=None):
+    """The memory layout of training, as (channels-last?, why): --layout's, or for auto, channels-last on CUDA
+    (cuDNN's float16 convolutions prefer it) and on a CPU the faster of the two as probe() times it
+    (engine.probe_layout; no rule by ISA held on every host, docs/performance.md), NCHW without a probe."""
+    if layout != "auto":
+        return layout == "nhwc", f"--layout {layout}"
+    if device.type == "cuda" or probe is None:
+        return device.type == "cuda", f"--layout auto, {device.type}"
+    nhwc, why = probe()
+    return nhwc, f"--layout auto, the faster here, {why}"
+
+
 def _read_cache(path):
     """The layouts measured before, {} when none (or the file is not one this wrote)."""
     try:
@@ -189,64 +227,6 @@ def all_reduce_mean(x):
         dist.all_reduce(x)
         x = x / dist.get_world_size()
     return x
-
-
-def category_ids(cfg, ds):
-    """The dataset category id of each of the model's labels, checked: every category of the dataset
-    must be one the model knows, by id and (when the checkpoint has names) by name. A checkpoint
-    without category ids is taken to use the dataset's labels when it has as many classes.
-    ValueError, naming the annotation file, when the model was trained on other classes."""
-    where = f"{ds.ann_file}: the model's classes are not this dataset's"
-    ids = tuple(cfg.category_ids)
-    if not ids:
-        if cfg.num_classes != len(ds.cat_ids):
-            raise ValueError(f"{where} ({len(ds.cat_ids)} categories here, {cfg.num_classes} in the checkpoint)")
-        ids = tuple(ds.cat_ids)
-    if len(ids) != cfg.num_classes:
-        raise ValueError(f"{where}: the checkpoint has {cfg.num_classes} classes but {len(ids)} category ids")
-    label = {c: i for i, c in enumerate(ids)}
-    for c, name in zip(ds.cat_ids, ds.class_names):
-        theirs = cfg.class_names[label[c]] if c in label and label[c] < len(cfg.class_names) else None
-        if c not in label or (cfg.class_names and theirs != name):
-            known = ", ".join(map(str, cfg.class_names[:4])) or f"ids {', '.join(map(str, ids[:4]))}"
-            raise ValueError(f"{where}: category {c} ({name!r}) is {repr(theirs) if c in label else 'unknown'} "
-                             f"in the checkpoint ({cfg.num_classes} classes: {known}, ...)")
-    return ids
-
-
-def model_labels(cfg, ds):
-    """(K_dataset,) the model's label of each of the dataset's labels, checked as category_ids checks:
-    a project model's label is the dataset's own, torchvision's the COCO category id (91 outputs)."""
-    label = {c: i for i, c in enumerate(category_ids(cfg, ds))}
-    return torch.tensor([label[c] for c in ds.cat_ids])
-
-
-@torch.inference_mode()
-def evaluate(model, ds, batch_size=8, rank=0, world=1, out_dir=None, workers=0, score_thresh=None, amp=False):
-    """COCO AP of model on ds with pycocotools. Each rank detects its share of the images; rank 0
-    gathers, scores, and writes results.json and eval.json into out_dir. Returns the 12 COCO numbers.
-    score_thresh: detections kept (default the model's, the paper's 0.05; §4 "Inference"); amp: the network
-    under autocast (model.detect)."""
-    ids = category_ids(model.cfg, ds)  # before any image: a wrong model fails in a second, not after the run
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=list)
-    results = []
-    for batch in tqdm(loader, desc="eval", disable=rank != 0, leave=False):
-        detections = M.detect(model, [image for image, _ in batch], score_thresh, amp)
-        results += D.coco_results(detections, [t["image_id"] for _, t in batch], ids)
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
-    if rank != 0:
-        return None
-    known = set(ds.cat_ids)  # torchvision's model also has outputs for ids COCO never used ("N/A")
-    results = [r for r in results if r["category_id"] in known]
-    stats = D.coco_evaluate(ds.coco, results, image_ids=ds.ids)
-    if out_dir:
-        D.write_json(os.path.join(out_dir, "results.json"), results)
-        D.write_json(os.path.join(out_dir, "eval.json"), stats)
-    return stats
 
 
 def log(run_dir, row):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import data as D
 import model as M
-from engine import model_labels
+from evaluate import model_labels
 from loss import LossConfig, assign_targets, fused_focal_loss
 
 BANDS = (0.5, 0.9, 0.99)  # the p_t edges of the negative bands loss_shares reports

@@ -29,6 +29,7 @@ from torchvision.utils import draw_bounding_boxes
 import data as D
 import model as M
 import weights as W
+from evaluate import coco_results
 
 DEFAULT_WEIGHTS = "runs/quickstart/checkpoint.pt"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -153,7 +154,7 @@ def main(args):
                 print(f"    {cls:<16} {s:.3f}  [{', '.join(f'{v:.0f}' for v in box)}]")
             if args.json:
                 cat_ids = cfg.category_ids or tuple(range(1, cfg.num_classes + 1))
-                for r in D.coco_results([det], [image_id(path, len(by_path) - 1)], cat_ids):
+                for r in coco_results([det], [image_id(path, len(by_path) - 1)], cat_ids):
                     results.append({**r, "file_name": os.path.basename(path)})
     if args.json:
         D.write_json(args.json, results)

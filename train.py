@@ -26,12 +26,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+import anchors as A
 import backbone as B
 import data as D
 import model as M
 import shapes
 import weights as W
-from engine import category_ids, evaluate, keep_metrics_until, print0, probe_layout, train
+from engine import channels_last, keep_metrics_until, print0, probe_layout, train
+from evaluate import category_ids, evaluate
 from loss import LossConfig
 
 # The recipes --preset chooses from, each spelled out key by key rather than derived from the other, so that
@@ -78,7 +80,12 @@ def get_args_parser():
     a("--channels", type=int, help="FPN and head width; " + preset("channels"))
     a("--head-norm", choices=["none", "gn"], help="GroupNorm in the heads (torchvision v2); " + preset("head_norm"))
     a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
-    a("--anchor-sizes", type=int, nargs="+", help="anchor size on P3-P7; " + preset("anchor_sizes"))
+    a("--anchor-sizes", type=int, nargs="+", help="anchor size on P3-P7 (with --finetune: the checkpoint's unless "
+      "given); " + preset("anchor_sizes"))
+    a("--anchor-ratios", type=float, nargs="+", help="anchor aspect ratios, height / width (default: the paper's 0.5 "
+      "1 2; with --finetune the checkpoint's); analyze.py anchors --suggest proposes them for a set")
+    a("--anchor-scales", type=float, nargs="+", help="anchor scales, multiples of the size (default: the paper's "
+      "2^0 2^(1/3) 2^(2/3); with --finetune the checkpoint's)")
     a("--min-size", type=int, help="shorter side of the images; " + preset("min_size"))
     a("--max-size", type=int, help="longest side at most; " + preset("max_size"))
     a("--size-divisible", type=int, help="batches padded to a multiple of it; " + preset("size_divisible"))
@@ -97,6 +104,8 @@ def get_args_parser():
     a("--warmup-factor", type=float, default=1 / 3, help="LR factor at the first warmup iteration (Detectron)")
     a("--momentum", type=float, default=0.9)
     a("--weight-decay", type=float, default=1e-4)
+    a("--clip-grad", type=float, metavar="MAX_NORM", help="clip the gradients' total norm to it (default: off, as "
+      "the paper); the norm before clipping is logged as grad_norm")
     # the data pipeline
     a("--scales", type=int, nargs="+", help="multi-scale training: shorter sides to pick from (e.g. 640 672 ... 800)")
     a("--flip", type=float, default=0.5, help="probability of a horizontal flip in training")
@@ -128,6 +137,7 @@ def fill_defaults(args):
     args.preset = args.preset or ("paper" if args.data else "quickstart")
     if args.preset == "paper" and not args.data:
         raise ValueError("--preset paper needs --data (a COCO-format root)")
+    args.from_preset = sorted(k for k, v in PRESETS[args.preset].items() if getattr(args, k) is None)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -173,33 +183,18 @@ def datasets(args, train=True):
 def build_model(args, ds, device):
     """The network: a new one from the flags, or --finetune's (its architecture, this run's classes and scale)."""
     names, cat_ids = ds.class_names, tuple(ds.cat_ids)
-    if args.finetune:
-        model = W.load_checkpoint(args.finetune)
-        cfg = model.cfg
-        if cfg.num_classes != len(names):  # §3.3: new classes get a new, prior-initialised class output layer
-            model.cls_head.reset_output(len(names), args.prior)
-        cfg.num_classes, cfg.class_names, cfg.category_ids = len(names), names, cat_ids
-        cfg.min_size, cfg.max_size = args.min_size, args.max_size
-        return model.train().to(device)
+    if args.finetune:  # the anchor sizes too when given on the command line, else the checkpoint's
+        sizes = None if "anchor_sizes" in args.from_preset else args.anchor_sizes
+        return W.load_for_finetune(args.finetune, names, cat_ids, args.prior, args.min_size, args.max_size, sizes,
+                                   args.anchor_ratios, args.anchor_scales).train().to(device)
     cfg = M.ModelConfig(
         num_classes=len(names), class_names=names, category_ids=cat_ids, arch=args.arch, norm=args.norm,
         freeze_at=args.freeze_at, channels=args.channels, head_norm=args.head_norm, prior=args.prior,
-        anchor_sizes=tuple(args.anchor_sizes), min_size=args.min_size, max_size=args.max_size,
+        anchor_sizes=tuple(args.anchor_sizes), anchor_ratios=tuple(args.anchor_ratios or A.RATIOS),
+        anchor_scales=tuple(args.anchor_scales or A.SCALES), min_size=args.min_size, max_size=args.max_size,
         size_divisible=args.size_divisible)
     weights = None if args.backbone_weights == "none" else args.backbone_weights
     return M.RetinaNet(cfg, backbone_weights=weights).to(device)
-
-
-def channels_last(layout, device, probe=None):
-    """The memory layout of training, as (channels-last?, why): --layout's, or for auto, channels-last on CUDA
-    (cuDNN's float16 convolutions prefer it) and on a CPU the faster of the two as probe() times it
-    (engine.probe_layout; no rule by ISA held on every host, docs/performance.md), NCHW without a probe."""
-    if layout != "auto":
-        return layout == "nhwc", f"--layout {layout}"
-    if device.type == "cuda" or probe is None:
-        return device.type == "cuda", f"--layout auto, {device.type}"
-    nhwc, why = probe()
-    return nhwc, f"--layout auto, the faster here, {why}"
 
 
 def build_optimizer(args, model):
@@ -266,7 +261,7 @@ def main(args):
     stats = train(ddp_model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, start=start, iters=args.iters,
                   out=args.out, batch_size=args.batch_size, log_every=args.log_every, ckpt_every=args.ckpt_every,
                   eval_at=args.eval_at, final_eval=not args.no_eval, eval_workers=min(args.workers, 2),
-                  run_args=vars(args), amp=amp)
+                  run_args=vars(args), amp=amp, clip_grad=args.clip_grad)
     if stats and not args.no_eval:
         print0(f"COCO AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}  ({args.out})")
     if dist.is_initialized():

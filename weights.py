@@ -26,11 +26,12 @@ from loss import LossConfig
 from model import InferenceConfig, ModelConfig, RetinaNet
 
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, loss_cfg, run_args=None):
+def save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, loss_cfg, run_args=None, evaluation=None):
     """Everything a run needs to continue, written to a temporary name and renamed: never half-written.
-    run_args: the run's settings as a dict (train.py's flags), kept for the record."""
+    run_args: the run's settings as a dict (train.py's flags), kept for the record; evaluation: the COCO numbers
+    of these weights, if evaluated (best.pt)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "iteration": iteration, "args": run_args or {},
+             "scaler": scaler.state_dict(), "iteration": iteration, "args": run_args or {}, "eval": evaluation,
              **config_entries(model.cfg, model.inference, loss_cfg),
              "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}}
     D.write_atomic(path, lambda tmp: torch.save(state, tmp))
@@ -166,6 +167,29 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit its config ({str(e).splitlines()[1].strip()[:120]})") from None
     return model.to(device).eval()
+
+
+def load_for_finetune(path, class_names, category_ids, prior, min_size, max_size, anchor_sizes=None,
+                      anchor_ratios=None, anchor_scales=None):
+    """load_checkpoint's model made ready for another dataset (train.py --finetune): its classes and scale, and the
+    anchors given (None: the checkpoint's). New classes get a new class output layer with the prior's bias (§3.3);
+    another number of anchors a location, new output layers in both subnets; the rest of the network is kept."""
+    model = load_checkpoint(path)
+    cfg = model.cfg
+    if cfg.num_classes != len(class_names):
+        model.cls_head.reset_output(len(class_names), prior)
+    cfg.num_classes, cfg.class_names, cfg.category_ids = len(class_names), tuple(class_names), tuple(category_ids)
+    cfg.min_size, cfg.max_size = min_size, max_size
+    for key, value in (("anchor_sizes", anchor_sizes), ("anchor_ratios", anchor_ratios), ("anchor_scales",
+                                                                                          anchor_scales)):
+        if value:  # other shapes keep the output layers: each output learns its anchor's deltas anew
+            setattr(cfg, key, tuple(value))
+    if cfg.num_anchors != model.box_head.num_anchors:
+        for head in (model.cls_head, model.box_head):
+            head.num_anchors = cfg.num_anchors
+        model.cls_head.reset_output(cfg.num_classes, prior)
+        model.box_head.reset_output(4)
+    return model
 
 
 def load_loss_config(path):

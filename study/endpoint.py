@@ -30,7 +30,8 @@ import torch
 
 import data as D
 import weights as W
-from engine import evaluate, read_metrics
+from engine import read_metrics
+from evaluate import evaluate
 from loss import MONITOR
 from study import ablate, dense
 from study.table1 import ORDER, ROWS, SEEDS, curve, figure, pull_at_prior

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import engine
+import infer
 import train
 import weights as W
 from conftest import read_metrics, run
@@ -31,7 +32,7 @@ def test_non_finite_loss_or_gradients_stop_with_the_last_good_checkpoint(tiny_sh
     monkeypatch.setattr(engine, "retinanet_loss", poisoned)
     out = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match=rf"iteration 3: {message}.*checkpoint\.pt \(iteration 2\)"):
-        run(tiny_shapes, out, iters=10, **{"ckpt-every": "2"})
+        run(tiny_shapes, out, iters=10, layout="nchw", **{"ckpt-every": "2"})  # nchw: no layout probe's calls
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -65,13 +66,13 @@ def test_a_non_finite_buffer_stops_the_run_at_its_checkpoint(tiny_shapes, tmp_pa
     monkeypatch.setattr(train, "build_model", poisoned_model)
     out = str(tmp_path / "buffer")
     with pytest.raises(FloatingPointError, match=r"iteration 4: backbone.bn1.running_mean is not finite.*iteration 2"):
-        run(tiny_shapes, out, iters=10, **{"ckpt-every": "2"})
+        run(tiny_shapes, out, iters=10, layout="nchw", **{"ckpt-every": "2"})
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["iteration"] == 2
 
 
 def test_metrics_after_a_resume_have_each_iteration_once(tiny_shapes, tmp_path, monkeypatch):
     straight = str(tmp_path / "a")
-    run(tiny_shapes, straight, iters=6, **{"no-eval": True})
+    run(tiny_shapes, straight, iters=6, layout="nchw", **{"no-eval": True})
     calls, train_loss = [], engine.retinanet_loss
 
     def crash_at_5(*args, **kw):
@@ -83,10 +84,10 @@ def test_metrics_after_a_resume_have_each_iteration_once(tiny_shapes, tmp_path, 
     out = str(tmp_path / "b")
     monkeypatch.setattr(engine, "retinanet_loss", crash_at_5)
     with pytest.raises(FloatingPointError):  # iteration 4 logged, the checkpoint is at 3
-        run(tiny_shapes, out, iters=6, **{"ckpt-every": "3", "no-eval": True})
+        run(tiny_shapes, out, iters=6, layout="nchw", **{"ckpt-every": "3", "no-eval": True})
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3, 4]
     monkeypatch.setattr(engine, "retinanet_loss", train_loss)
-    run(tiny_shapes, out, iters=6, resume=True, **{"no-eval": True})
+    run(tiny_shapes, out, iters=6, resume=True, layout="nchw", **{"no-eval": True})
     assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(straight)]
 
@@ -140,3 +141,74 @@ def test_the_layout_probe_keeps_the_faster_layout_caches_it_and_leaves_the_run_u
     seen.clear()
     assert engine.probe_layout(model, LossConfig(), 3, cache=cache)[0] and not seen  # from the cache
     assert engine.probe_layout(model, LossConfig(), 3, amp=torch.bfloat16, cache=cache)[0] and seen
+
+
+def spike_at(monkeypatch, call, factor):
+    """The loss of the `call`-th iteration multiplied by factor: a bad batch's spike, its gradients too."""
+    calls, train_loss = [], engine.retinanet_loss
+
+    def spiked(*args, **kw):
+        calls.append(1)
+        losses = train_loss(*args, **kw)
+        return {**losses, "cls": losses["cls"] * factor} if len(calls) == call else losses
+
+    monkeypatch.setattr(engine, "retinanet_loss", spiked)
+
+
+def test_a_loss_spike_goes_non_finite_unless_the_gradients_are_clipped(tiny_shapes, tmp_path, monkeypatch):
+    """A spike of 1e10 at iteration 3: unclipped, its step throws the weights so far that the next loss is NaN and
+    the run stops; with --clip-grad the step is bounded, the run ends finite, and grad_norm logs the norm
+    before clipping (the spike's, far above the bound)."""
+    spike_at(monkeypatch, 3, 1e10)
+    with pytest.raises(FloatingPointError, match=r"iteration [34]: (loss|gradient norm) is (nan|inf)"):
+        run(tiny_shapes, str(tmp_path / "raw"), iters=6, layout="nchw", **{"no-eval": True})  # nchw: no probe's calls
+    spike_at(monkeypatch, 3, 1e10)
+    out = str(tmp_path / "clipped")
+    model = run(tiny_shapes, out, iters=6, layout="nchw", **{"no-eval": True, "clip-grad": "1.0"})["model"]
+    rows = read_metrics(out)
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[2]["grad_norm"] > 1e9 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_clipping_scales_every_gradient_by_max_norm_over_the_norm(tiny_checkpoint):
+    """forward_backward's clipped gradients are the unclipped ones x max_norm / norm (torch's clip_grad_norm_ rule),
+    and the norm it returns is the unclipped one."""
+    model = W.load_checkpoint(tiny_checkpoint).train()
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+    grads, norms = {}, {}
+    for clip in (None, 0.01):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        values = engine.forward_backward(model, model.cfg, LossConfig(), images, targets, opt,
+                                         torch.amp.GradScaler("cpu", enabled=False), {}, clip_grad=clip)
+        grads[clip] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        norms[clip] = values["grad_norm"]
+    assert norms[0.01] == pytest.approx(norms[None]) and norms[None] > 0.01
+    for g, g_clipped in zip(grads[None], grads[0.01]):
+        torch.testing.assert_close(g_clipped, g * (0.01 / (norms[None] + 1e-6)), rtol=1e-4, atol=1e-9)
+
+
+def test_eval_at_keeps_the_best_checkpoint_beside_the_last(tiny_shapes, tmp_path, monkeypatch):
+    """With --eval-at, best.pt holds the weights of the best evaluation so far, with its iteration and numbers:
+    here AP is made to peak at iteration 2 of 4, so best.pt is iteration 2's and checkpoint.pt iteration 4's; both
+    load for infer.py and --finetune. A resumed run knows the best so far from its log; a fresh one drops the old."""
+    def evaluations(*aps):
+        it = iter(aps)
+        monkeypatch.setattr(engine, "evaluate", lambda *a, **kw: {**dict.fromkeys(engine.STATS, 0.0), "AP": next(it),
+                                                                  "per_class": []})
+
+    evaluations(0.5, 0.2, 0.3)  # at 2, 3 and the end, 4
+    out = str(tmp_path / "best")
+    run(tiny_shapes, out, iters=4, **{"eval-at": "2 3"})
+    best, last = (torch.load(os.path.join(out, f), weights_only=True) for f in ("best.pt", "checkpoint.pt"))
+    assert (best["iteration"], best["eval"]["AP"], last["iteration"]) == (2, 0.5, 4)
+    assert not torch.equal(best["model"]["box_head.out.weight"], last["model"]["box_head.out.weight"])
+    assert infer.load_model(os.path.join(out, "best.pt")).cfg.num_classes == 4
+    evaluations(0.45)  # resumed to 6: below iteration 2's 0.5, which the log remembers
+    run(tiny_shapes, out, iters=6, resume=True, **{"eval-at": "2 3"})
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["iteration"] == 2
+    ft = run(tiny_shapes, str(tmp_path / "ft"), iters=0, finetune=os.path.join(out, "best.pt"), **{"no-eval": True})
+    assert torch.equal(ft["model"].state_dict()["box_head.out.weight"], best["model"]["box_head.out.weight"])
+    evaluations()
+    run(tiny_shapes, out, iters=1, **{"no-eval": True})  # a fresh run in the same folder
+    assert not os.path.exists(os.path.join(out, "best.pt"))

@@ -17,7 +17,7 @@ import infer
 import model as M
 import weights as W
 from conftest import ROOT, shared_path
-from engine import evaluate
+from evaluate import coco_evaluate, evaluate
 
 
 def args(*words):
@@ -71,7 +71,7 @@ def test_json_loads_with_pycocotools_and_scores_like_train_evaluate(tiny_shapes,
     model = W.load_checkpoint(tiny_checkpoint)
     ds = D.CocoDetection(*D.coco_paths(tiny_shapes, "val"))
     expected = evaluate(model, ds)
-    assert D.coco_evaluate(ds.coco, json.load(open(det_json)), image_ids=ds.ids) == expected
+    assert coco_evaluate(ds.coco, json.load(open(det_json)), image_ids=ds.ids) == expected
 
 
 @pytest.mark.parametrize("amp", ["off", "on"])

@@ -26,9 +26,11 @@ def imported(path):
     return names
 
 
-def test_at_most_16_python_files_at_the_top_level_and_the_study_and_tools_in_their_folders():
+def test_at_most_18_python_files_at_the_top_level_and_the_study_and_tools_in_their_folders():
+    """16 when the study and the tools moved out (issue 33); then evaluation left engine.py, which passed 300 lines
+    (the guide lists it as a file of its own), and your own data needed a command to convert it (issue 35)."""
     files = top_level()
-    assert len(files) <= 16, sorted(files)
+    assert len(files) <= 18, sorted(files)
     assert {"ablate", "endpoint", "table1", "pretrain", "bench", "bench_pairs"}.isdisjoint(files)
     for folder, modules in (("study", {"ablate", "endpoint", "table1", "pretrain", "dense"}),
                             ("tools", {"bench", "bench_pairs"})):

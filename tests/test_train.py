@@ -12,13 +12,14 @@ import pytest
 import torch
 from torchvision.models.detection import retinanet_resnet50_fpn
 
+import anchors as A
 import data as D
 import model as M
 import shapes
 import train
 import weights as W
 from conftest import ROOT, read_metrics, run, shared_path, tiny_flags
-from engine import evaluate
+from evaluate import evaluate
 
 
 def test_one_step_changes_the_weights_and_gives_finite_losses(tiny_shapes, tmp_path):
@@ -248,3 +249,30 @@ def test_every_flag_is_written_out_and_the_presets_give_the_defaults():
         assert {k: getattr(args, k) for k in preset} == preset
     args = train.fill_defaults(parser.parse_args(["--lr", "0.5", "--steps", "10", "20", "--schedule", "2"]))
     assert args.lr == 0.5 and args.steps == [20, 40] and args.iters == 2 * train.QUICKSTART["iters"]
+
+
+def test_anchor_ratios_and_scales_are_the_networks_and_saved_in_its_checkpoint(tiny_shapes, tiny_checkpoint, tmp_path):
+    """--anchor-ratios / --anchor-scales: A = ratios x scales outputs a location in both subnets, the anchors
+    anchors.py makes of them, kept in the checkpoint (infer.py rebuilds the network from it). With --finetune,
+    the same number of anchors keeps the trained output layers; another number gets new ones (the prior's bias)."""
+    out = str(tmp_path / "ratios")
+    run(tiny_shapes, out, iters=1, **{"no-eval": True, "anchor-ratios": "0.125 1 8", "anchor-scales": "1 1.5"})
+    model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    cfg = model.cfg
+    assert (cfg.anchor_ratios, cfg.anchor_scales, cfg.num_anchors) == ((0.125, 1.0, 8.0), (1.0, 1.5), 6)
+    assert model.cls_head.out.weight.shape[0] == 6 * 4 and model.box_head.out.weight.shape[0] == 6 * 4
+    cell = A.cell_anchors(16, (1.0, 1.5), (0.125, 1.0, 8.0))  # ratio = height / width, area (size x scale)^2
+    torch.testing.assert_close(M.make_anchors(model.cfg, (96, 96))[0][:6], cell)  # P3's first location
+    wh = cell[:, 2:] - cell[:, :2]
+    torch.testing.assert_close(wh[:, 1] / wh[:, 0], torch.tensor([0.125, 0.125, 1, 1, 8, 8]))
+    trained = W.load_checkpoint(tiny_checkpoint)
+    same = run(tiny_shapes, str(tmp_path / "ft"), iters=0, finetune=tiny_checkpoint, **{
+        "no-eval": True, "anchor-ratios": "0.25 1 4", "anchor-sizes": "8 16 32 64 128"})["model"]
+    assert same.cfg.anchor_ratios == (0.25, 1.0, 4.0) and same.cfg.anchor_sizes == (8, 16, 32, 64, 128)
+    torch.testing.assert_close(same.box_head.out.weight, trained.box_head.out.weight)
+    fewer = run(tiny_shapes, str(tmp_path / "ft2"), iters=0, finetune=tiny_checkpoint, **{
+        "no-eval": True, "anchor-ratios": "1"})["model"]
+    assert fewer.cfg.num_anchors == 3 and fewer.box_head.out.weight.shape[0] == 3 * 4
+    torch.testing.assert_close(fewer.cls_head.out.bias, torch.full((3 * 4,), -math.log(99.0)))  # §3.3
+    torch.testing.assert_close(fewer.cls_head.tower[0][0].weight, trained.cls_head.tower[0][0].weight)
+    assert fewer(torch.zeros(1, 3, 96, 96))[0].shape == (1, M.make_anchors(fewer.cfg, (96, 96))[0].shape[0], 4)

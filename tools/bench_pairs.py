@@ -21,7 +21,7 @@ import data as D
 import model as M
 import train
 import weights as W
-from engine import evaluate
+from evaluate import evaluate
 from loss import LossConfig, fused_focal_loss, retinanet_loss
 
 
