@@ -6,6 +6,8 @@
     torchrun --nproc_per_node=8 train.py --data /path/to/coco --arch resnet101 --schedule 1.5 --scales 640 800
     python train.py --data /path/to/coco --eval-only --weights runs/retinanet/checkpoint.pt
     python train.py --resume --out runs/quickstart                # continue an interrupted run
+    python train.py --train-ann mine/train.json --train-images mine/img --val-ann mine/val.json --val-images mine/img \
+        --finetune torchvision --iters 6000 --steps 4000 5000 --eval-at 2000 4000   # your own set (convert.py)
 
 With --data the defaults are the paper's (PAPER below): ResNet-50 with ImageNet weights and frozen BN,
 SGD with momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
@@ -63,7 +65,8 @@ def get_args_parser():
         return f"default: {PAPER[key]} with --data (paper), {QUICKSTART[key]} without (quick start)"
 
     # what to train on
-    a("--data", help="COCO-format root (annotations/instances_{split}.json, {split}/); none: the shapes quick start")
+    a("--data", help="COCO-format root (annotations/instances_{split}.json, {split}/); none: the shapes quick start, "
+      "or your own set given by --train-ann, --train-images, --val-ann, --val-images (the paper's recipe)")
     a("--preset", choices=list(PRESETS), help="the defaults of the flags below marked 'default: ...' (default: paper "
       "with --data, quickstart without)")
     a("--train-ann", help="training annotations, if not DATA/annotations/instances_{train split}.json")
@@ -134,14 +137,15 @@ def get_args_parser():
 
 def fill_defaults(args):
     """The preset's value for every flag left unset, and --schedule applied."""
-    args.preset = args.preset or ("paper" if args.data else "quickstart")
-    if args.preset == "paper" and not args.data:
-        raise ValueError("--preset paper needs --data (a COCO-format root)")
+    own = args.train_ann and args.val_ann  # your own set: the annotation files named, no COCO-format root
+    args.preset = args.preset or ("paper" if args.data or own else "quickstart")
+    if args.preset == "paper" and not (args.data or own):
+        raise ValueError("--preset paper needs --data (a COCO-format root) or --train-ann and --val-ann")
     args.from_preset = sorted(k for k, v in PRESETS[args.preset].items() if getattr(args, k) is None)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.data = args.data or QUICKSTART_DATA
+    args.data = args.data or (None if own else QUICKSTART_DATA)
     args.head_norm = None if args.head_norm == "none" else args.head_norm
     args.iters, args.steps = round(args.iters * args.schedule), [round(s * args.schedule) for s in args.steps]
     return args
@@ -171,11 +175,13 @@ def setup_process(args):
 
 def datasets(args, train=True):
     """The train (if train) and val datasets, by the standard layout or the --*-ann/--*-images flags."""
-    ann, images = D.coco_paths(args.data, args.val_split)
+    if args.data is None and not (args.val_images and (args.train_images or not train)):
+        raise ValueError("--train-ann and --val-ann without --data need --train-images and --val-images")
+    ann, images = D.coco_paths(args.data or "", args.val_split)
     val = D.CocoDetection(args.val_ann or ann, args.val_images or images)
     if not train:
         return None, val
-    ann, images = D.coco_paths(args.data, args.train_split)
+    ann, images = D.coco_paths(args.data or "", args.train_split)
     return D.CocoDetection(args.train_ann or ann, args.train_images or images, train=True, min_size=args.min_size,
                            max_size=args.max_size, scales=args.scales, flip=args.flip, seed=args.seed), val
 

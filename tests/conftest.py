@@ -47,7 +47,8 @@ def tiny_flags(shapes, out, iters=4, **extra):
              "anchor-sizes": "16 32 64 128 256", "batch-size": "2", "workers": "0", "log-every": "1", "lr": "0.08",
              "iters": str(iters), "steps": f"{iters * 10} {iters * 20}", "warmup-iters": "2", "ckpt-every": "1000",
              "train-split": "train", "val-split": "val", **extra}
-    return [w for k, v in flags.items() for w in ([f"--{k}"] + v.split() if v is not True else [f"--{k}"])]
+    words = ([f"--{k}"] + v.split() if v is not True else [f"--{k}"] for k, v in flags.items() if v is not None)
+    return [w for pair in words for w in pair]
 
 
 def run(shapes, out, iters=4, **extra):
