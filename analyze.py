@@ -10,12 +10,14 @@ coverage, evaluation.
     python analyze.py sweep                                    # FL - CE at three levels of imbalance
     python analyze.py endpoint                                 # Table 1 at the endpoint, LR chosen held out
     python analyze.py anchors --data ../shared/data/coco_val2017_subset --split val2017
+    python analyze.py anchors --suggest --ann mine/train.json --images mine/img   # anchors for your boxes
     python analyze.py eval --weights CKPT --data DATA          # the COCO evaluation training runs
 
 Each writes a PNG and the numbers behind it (JSON) into --out and prints a summary. Every number
 comes from the functions training uses: anchors.py's matching, loss.py's targets and focal loss.
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -36,6 +38,8 @@ from study import ablate, dense, endpoint
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 LEVELS = ("P3", "P4", "P5", "P6", "P7")
+SIZE_EDGES = (0, 16, 32, 64, 128, 256, 512, 1e9)  # box sizes, sqrt(area) in px
+SIZE_BANDS = tuple(f"{a:g}-{b:g}" if b < 1e9 else f">{a:g}" for a, b in zip(SIZE_EDGES, SIZE_EDGES[1:]))
 
 
 def fig1(gammas, bold=None, alpha=None):
@@ -75,11 +79,22 @@ def save(fig, out, name, numbers):
     plt.close(fig)
 
 
-def dataset(data, split, cfg=None, train_like=False, check_classes=True):
-    """A split of a COCO-format root, checked against cfg's classes; train_like: resized as training does, unflipped."""
+def split_paths(data, split=None, ann=None, images=None):
+    """(annotation file, images folder): ann and images (--ann, --images: your own set), else the split of the
+    COCO-format root data (default: val, else val2017)."""
+    if ann:
+        if not images:
+            raise ValueError("--ann needs --images")
+        return ann, images
     split = split or ("val" if os.path.exists(D.coco_paths(data, "val")[0]) else "val2017")  # shapes, or COCO
+    return D.coco_paths(data, split)
+
+
+def dataset(paths, cfg=None, train_like=False, check_classes=True):
+    """The set of (annotation file, images folder), checked against cfg's classes; train_like: resized as training
+    does, unflipped."""
     kw = dict(train=True, min_size=cfg.min_size, max_size=cfg.max_size, flip=0.0) if train_like else {}
-    ds = D.CocoDetection(*D.coco_paths(data, split), **kw)
+    ds = D.CocoDetection(*paths, **kw)
     if check_classes and cfg is not None:
         category_ids(cfg, ds)  # by category id and name, as evaluate does: torchvision's 91 outputs serve COCO
     return ds
@@ -87,7 +102,7 @@ def dataset(data, split, cfg=None, train_like=False, check_classes=True):
 
 def cmd_cdf(args):
     model = infer.load_model(args.weights, args.device)
-    ds = dataset(args.data, args.split, model.cfg, train_like=True)
+    ds = dataset(split_paths(args.data, args.split, args.ann, args.images), model.cfg, train_like=True)
     key = cache_key(args.weights, ds.ann_file, args.max_images, args.max_negatives)
     run = load_or_collect(model, ds, args.cache or os.path.join(args.out, "cdf_cache.npz"), key,
                           max_images=args.max_images, max_negatives=args.max_negatives,
@@ -121,17 +136,17 @@ def anchor_coverage(cfg, ds, max_images=None, assign=None):
         level = np.searchsorted(np.cumsum(per_level), iou.argmax(1).numpy(), side="right")
         for j, box in enumerate(boxes):
             rows.append({"size": float(((box[2] - box[0]) * (box[3] - box[1])).sqrt()), "best_iou": float(iou[j].max()),
-                         "level": int(level[j]) + 3, "positives": int((matched == j).sum())})
+                         "level": int(level[j]) + 3, "positives": int((matched == j).sum()),
+                         "box": [round(v, 2) for v in box.tolist()]})
     if not rows:
         raise ValueError("the dataset has no boxes")
     return rows
 
 
-def preset_config(data, split):
+def preset_config(ann_file):
     """The recipe a dataset trains with by default (the shapes set: train.py's quickstart, the dense set: the
     study's dense, any other: train.py's paper) and a ModelConfig with its anchors and scale."""
-    split = split or ("val" if os.path.exists(D.coco_paths(data, "val")[0]) else "val2017")
-    kinds = {c.get("supercategory") for c in D.load_coco(D.coco_paths(data, split)[0]).cats.values()}
+    kinds = {c.get("supercategory") for c in D.load_coco(ann_file).cats.values()}
     name = {frozenset({"shape"}): "quickstart", frozenset({"coloured shape"}): "dense"}.get(frozenset(kinds), "paper")
     p = {"quickstart": train.QUICKSTART, "dense": dense.DENSE, "paper": train.PAPER}[name]
     return name, M.ModelConfig(anchor_sizes=tuple(p["anchor_sizes"]), min_size=p["min_size"], max_size=p["max_size"],
@@ -139,43 +154,68 @@ def preset_config(data, split):
 
 
 def cmd_anchors(args):
+    paths = split_paths(args.data, args.split, args.ann, args.images)
     if args.weights:
         cfg, used = infer.load_model(args.weights).cfg, f"the checkpoint's ({args.weights})"
         assign = W.load_loss_config(args.weights)
     else:
-        (name, cfg), assign = preset_config(args.data, args.split), LossConfig()
+        (name, cfg), assign = preset_config(paths[0]), LossConfig()
         used = f"the {name} recipe's, as this dataset trains by default"
     cfg.min_size, cfg.max_size = args.scale or cfg.min_size, args.max_size or cfg.max_size
-    print(f"anchors of {cfg.anchor_sizes[0]:g}-{cfg.anchor_sizes[-1]:g} px on P3-P7, {cfg.min_size}-px images: {used}")
-    ds = dataset(args.data, args.split, cfg, train_like=True, check_classes=False)
+    print(f"anchors of {cfg.anchor_sizes[0]:g}-{cfg.anchor_sizes[-1]:g} px on P3-P7, ratios {cfg.anchor_ratios}, "
+          f"scales {tuple(round(c, 3) for c in cfg.anchor_scales)}, {cfg.min_size}-px images: {used}")
+    ds = dataset(paths, cfg, train_like=True, check_classes=False)
     rows = anchor_coverage(cfg, ds, args.max_images, assign)
     best, fg, bg = np.array([r["best_iou"] for r in rows]), assign.fg_iou, assign.bg_iou
     summary = {"boxes": len(rows), f"best IoU >= {fg}": float((best >= fg).mean()),
                f"best IoU >= {bg}": float((best >= bg).mean()), "only a low-quality match": float((best < fg).mean()),
                "positives per box": float(np.mean([r["positives"] for r in rows])),
                "boxes with no positive": int(sum(r["positives"] == 0 for r in rows))}
-    edges = [0, 16, 32, 64, 128, 256, 512, 1e9]
-    sizes, bottom = np.digitize([r["size"] for r in rows], edges) - 1, np.zeros(len(edges) - 1)
-    names = [f"{a:g}-{b:g}" if b < 1e9 else f">{a:g}" for a, b in zip(edges, edges[1:])]
+    sizes, bottom = np.digitize([r["size"] for r in rows], SIZE_EDGES) - 1, np.zeros(len(SIZE_BANDS))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     bands = ((fg, 2, "best IoU >= fg"), (bg, fg, "ignore band"), (0, bg, "below bg"))
     for lo, hi, label in bands:
-        counts = np.bincount(sizes[(best >= lo) & (best < hi)], minlength=len(names))
-        ax1.bar(names, counts, bottom=bottom, label=label)
+        counts = np.bincount(sizes[(best >= lo) & (best < hi)], minlength=len(SIZE_BANDS))
+        ax1.bar(SIZE_BANDS, counts, bottom=bottom, label=label)
         bottom += counts
     ax1.set(xlabel="box size sqrt(area), px", ylabel="boxes", title="best anchor IoU by box size")
     ax1.legend()
     ax2.bar(LEVELS, np.bincount([r["level"] - 3 for r in rows], minlength=5))
     ax2.set(ylabel="boxes", title="level of each box's best anchor")
-    save(fig, args.out, "anchors", {"summary": summary, "size_bins": names, "boxes": rows, "config": used,
-                                    "anchor_sizes": list(cfg.anchor_sizes), "scale": cfg.min_size})
     print(json.dumps(summary, indent=1))
+    if args.suggest:
+        summary["suggest"] = suggest_anchors(cfg, ds, rows, args.max_images, assign)
+    save(fig, args.out, "anchors", {"summary": summary, "size_bins": list(SIZE_BANDS), "boxes": rows, "config": used,
+                                    "anchor_sizes": list(cfg.anchor_sizes), "scale": cfg.min_size})
     return summary
+
+
+def suggest_anchors(cfg, ds, rows, max_images, assign):
+    """--suggest: anchors.fit_anchors' sizes, scales and ratios for the boxes of rows (anchor_coverage's, at the
+    training scale), then the coverage of both anchor sets as training matches (every anchor of the padded
+    image, best IoU >= fg), overall and per size band, printed with the train.py flags that use the proposal."""
+    (sizes, scales, ratios), _, _ = A.fit_anchors(torch.tensor([r["box"] for r in rows]), cfg.anchor_sizes,
+                                                  cfg.anchor_scales, cfg.anchor_ratios, iou=assign.fg_iou)
+    after = anchor_coverage(dataclasses.replace(cfg, anchor_sizes=sizes, anchor_scales=scales, anchor_ratios=ratios),
+                            ds, max_images, assign)
+    band = np.digitize([r["size"] for r in rows], SIZE_EDGES) - 1
+    covered = [np.array([r["best_iou"] >= assign.fg_iou for r in x]) for x in (rows, after)]
+    table = [{"band": name, "boxes": int((band == b).sum()), "before": float(covered[0][band == b].mean()),
+              "after": float(covered[1][band == b].mean())} for b, name in enumerate(SIZE_BANDS) if (band == b).any()]
+    flags = (f"--anchor-sizes {' '.join(str(s) for s in sizes)} --anchor-scales {' '.join(f'{c:g}' for c in scales)} "
+             f"--anchor-ratios {' '.join(f'{r:g}' for r in ratios)}")
+    print(f"boxes whose best anchor reaches IoU {assign.fg_iou}, before -> after the proposal:")
+    for r in table + [{"band": "all", "boxes": len(rows), "before": covered[0].mean(), "after": covered[1].mean()}]:
+        print(f"  {r['band']:>8} px: {r['boxes']:6d} boxes  {r['before']:6.1%} -> {r['after']:6.1%}")
+    print(f"proposal (train.py): {flags}")
+    return {"flags": flags, "anchor_sizes": list(sizes), "anchor_scales": list(scales), "anchor_ratios": list(ratios),
+            "before": float(covered[0].mean()), "after": float(covered[1].mean()), "bands": table}
 
 
 def cmd_eval(args):
     model = infer.load_model(args.weights, args.device)
-    stats = evaluate(model, dataset(args.data, args.split, model.cfg), out_dir=args.out, score_thresh=args.score_thresh)
+    paths = split_paths(args.data, args.split, args.ann, args.images)
+    stats = evaluate(model, dataset(paths, model.cfg), out_dir=args.out, score_thresh=args.score_thresh)
     print(json.dumps(stats))
     return stats
 
@@ -225,6 +265,10 @@ def get_args_parser():
       "(default: the LR stage's choice in the ledger)")
     a("--seed", type=int, help="endpoint: this seed's runs only (default: every seed of each row)")
     a("--train-args", default="", help="ablate, sweep, endpoint: more train.py flags for every run")
+    a("--suggest", action="store_true", help="anchors: propose sizes, scales and ratios for the set's boxes "
+      "(anchors.fit_anchors; use the training split), with the coverage before and after")
+    a("--ann", help="cdf, anchors, eval: a COCO annotation file of your own (with --images) instead of --data")
+    a("--images", help="the pictures of --ann")
     a("--scale", type=int, help="anchors: shorter side (default: the checkpoint's or the dataset's preset's)")
     a("--max-size", type=int, help="anchors: longest side")
     a("--score-thresh", type=float, help="eval: keep detections above it (default the checkpoint's, 0.05)")

@@ -10,6 +10,8 @@ per image (padded), A anchors per location (= 9), L pyramid levels.
 Anchor order is level, then y, then x, then anchor; within a location the anchors go aspect ratio
 first, then scale (torchvision's order, so its trained weights predict for the right anchor).
 This is the order in which heads.py flattens its outputs.
+
+fit_anchors, at the end, proposes sizes, scales and ratios for a set of boxes (analyze.py anchors --suggest).
 """
 import math
 
@@ -159,3 +161,60 @@ def decode(anchors, deltas, weights=(1.0, 1.0, 1.0, 1.0), clamp=BBOX_CLAMP):
     cx, cy = dx * aw + ax, dy * ah + ay
     half_w, half_h = 0.5 * torch.exp(dw) * aw, 0.5 * torch.exp(dh) * ah
     return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
+
+
+# Choosing anchors for your own boxes (not in the paper, whose anchors are fixed for COCO): a search over the
+# coverage of the boxes by the anchors, as Zlocha et al.'s anchor optimisation for RetinaNet (MICCAI 2019), here
+# with each box against the nearest anchor centre of every level, so that the stride counts as in training.
+
+def nearest_anchor_iou(boxes, anchor_wh, anchor_strides):
+    """(M, A') IoU of each box (M, 4) xyxy with each anchor shape (A', 2) placed at the anchor centre of its
+    level (stride (A',)) nearest to the box's centre (centres at multiples of the stride, generate_anchors'): the
+    best centre of that level, as the overlap falls with the distance along x and y apart. A box at the right or
+    bottom edge may get a centre past the grid's last; analyze.py reports training's own match beside it."""
+    c, wh = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]  # (M, 2)
+    d = c[:, None] - torch.round(c[:, None] / anchor_strides[None, :, None]) * anchor_strides[None, :, None]
+    lo = torch.max(-wh[:, None] / 2, d - anchor_wh[None] / 2)  # (M, A', 2): the overlap, box-centred
+    hi = torch.min(wh[:, None] / 2, d + anchor_wh[None] / 2)
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    return inter / (wh.prod(-1)[:, None] + anchor_wh.prod(-1)[None] - inter)
+
+
+def anchor_shapes(sizes, scales, ratios, strides=STRIDES):
+    """The widths and heights (L*A, 2) of every level's cell anchors (cell_anchors, unrounded), and their strides."""
+    shapes = [c[:, 2:] - c[:, :2] for c in (cell_anchors(s, scales, ratios) for s in sizes)]
+    return torch.cat(shapes).double(), torch.tensor(strides, dtype=torch.float64).repeat_interleave(shapes[0].shape[0])
+
+
+def fit_anchors(boxes, sizes=SIZES, scales=SCALES, ratios=RATIOS, strides=STRIDES, iou=0.5, rounds=3):
+    """Anchor sizes, scales and ratios for boxes (M, 4) xyxy at the training scale: as many of each as given,
+    the sizes an octave apart as the levels are, each value searched in turn on a grid (the P3 size in whole
+    pixels from a quarter to twice the given, 1/6 octave apart; scales 2^-1/2 ... 2^3/2 in 1/12 octaves; ratios
+    1/16 ... 16 in 1/4 octaves) for the most boxes whose best anchor (nearest_anchor_iou) reaches `iou`, the mean
+    best IoU breaking ties. Returns (sizes, scales, ratios), each a tuple, and the coverage before and after."""
+    boxes = boxes.double()
+
+    def coverage(p):
+        return nearest_anchor_iou(boxes, *anchor_shapes(*p, strides)).max(1).values
+
+    def score(p):
+        best = coverage(p)
+        return (best >= iou).double().mean().item() + 1e-3 * best.mean().item()
+
+    p = (tuple(sizes), tuple(scales), tuple(ratios))
+    best = score(p)
+    grid = {0: sorted({max(2, round(sizes[0] * 2 ** (k / 6))) for k in range(-12, 7)}),
+            1: [round(2 ** (k / 12), 4) for k in range(-6, 19)], 2: [round(2 ** (k / 4), 4) for k in range(-16, 17)]}
+    for _ in range(rounds):
+        moved = False
+        for k, i in [(0, 0)] + [(1, j) for j in range(len(scales))] + [(2, j) for j in range(len(ratios))]:
+            for value in grid[k]:
+                q = list(p)
+                q[k] = (tuple(value * 2 ** level for level in range(len(sizes))) if k == 0 else
+                        tuple(sorted(p[k][:i] + (value,) + p[k][i + 1:])))
+                if (s := score(q)) > best + 1e-12:
+                    p, best, moved = tuple(q), s, True
+        if not moved:
+            break
+    before, after = ((coverage(x) >= iou).double().mean().item() for x in ((tuple(sizes), scales, ratios), p))
+    return p, before, after

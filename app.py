@@ -62,7 +62,7 @@ class Explorer:
         if data == path and not os.path.exists(os.path.join(path, "annotations", "instances_val.json")):
             print(f"writing the shapes set to {path} (once, under a minute) ...")
             shapes.make_shapes(path)
-        self.ds = analyze.dataset(data, split, self.cfg, train_like=True, check_classes=False)
+        self.ds = analyze.dataset(analyze.split_paths(data, split), self.cfg, train_like=True, check_classes=False)
         self.mismatch = None  # the model's classes are not the dataset's: Detect and Anchors work, Fig. 4 cannot
         try:
             if self.model is not None:

@@ -197,8 +197,8 @@ def split(coco, fraction, seed=0):
 
 
 def write_from_coco(ann_file, images, to, out):
-    """COCO -> VOC XML, YOLO txt (+ classes.txt) or CSV (+ classes.csv) in out; crowd regions are left out (none
-    of the three has them). Returns how many boxes were written."""
+    """COCO -> VOC XML or YOLO txt (+ classes.txt, the categories in id order), or CSV (+ classes.csv) in out; crowd
+    regions are left out (none of the three has them). Returns how many boxes were written."""
     coco, files = D.load_coco(ann_file), {}
     cats = sorted(coco.cats)
     names = [coco.cats[c]["name"] for c in cats]
@@ -224,7 +224,7 @@ def write_from_coco(ann_file, images, to, out):
             path = os.path.relpath(os.path.join(images, info["file_name"]), out)
             rows += [[path, f"{x:g}", f"{y:g}", f"{x + bw:g}", f"{y + bh:g}", n] for (x, y, bw, bh), n in boxes] or [
                 [path, "", "", "", "", ""]]
-    if to == "yolo":
+    if to in ("voc", "yolo"):  # VOC has no class list of its own: this one keeps the ids of every split the same
         files["classes.txt"] = "".join(f"{n}\n" for n in names)
     if to == "csv":
         files["annotations.csv"] = "".join(",".join(r) + "\n" for r in rows)

@@ -14,6 +14,7 @@ import analyze
 import data as D
 import fig4
 import model as M
+import train
 import weights as W
 from conftest import analyze_args as args
 from conftest import shared_path
@@ -39,7 +40,7 @@ def test_negative_gamma_is_refused():
 @pytest.fixture(scope="module")
 def run(tiny_checkpoint, tiny_shapes):
     model = W.load_checkpoint(tiny_checkpoint)
-    ds = analyze.dataset(tiny_shapes, "val", model.cfg, train_like=True)
+    ds = analyze.dataset(analyze.split_paths(tiny_shapes, "val"), model.cfg, train_like=True)
     return model, ds, fig4.collect_logits(model, ds, batch_size=2, progress=lambda it, total: it)
 
 
@@ -130,6 +131,32 @@ def test_anchors_command_on_real_coco_photos(tmp_path):
     assert summary["best IoU >= 0.4"] >= summary["best IoU >= 0.5"]
 
 
+def test_suggest_covers_8_to_1_boxes_the_papers_anchors_miss(tmp_path):
+    """A set of 8:1 bars (and some squares) at 160 px: the paper's ratios (1:2 .. 2:1) reach IoU 0.5 on none of the
+    bars; --suggest's proposal, matched as training matches (every anchor), covers nearly all, and its flags are
+    train.py's."""
+    g, images, anns = torch.Generator().manual_seed(0), [], []
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.new("RGB", (160, 160)).save(tmp_path / "imgs" / f"{i}.jpg")
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": 160, "height": 160})
+        for k in range(4):
+            h = 10 + 8 * float(torch.rand(1, generator=g))  # under ~8 px high no P3 anchor (stride 8) can reach 0.5
+            w = 8 * h if k < 3 else h  # three bars, one square
+            x, y = (torch.rand(2, generator=g) * torch.tensor([160 - w, 160 - h])).tolist()
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "bbox": [x, y, w, h]})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                   "categories": [{"id": 1, "name": "bar"}]}))
+    summary = analyze.main(args("anchors", "--suggest", "--ann", tmp_path / "ann.json", "--images", tmp_path / "imgs",
+                                "--scale", 160, "--max-size", 160, "--out", tmp_path / "out"))
+    s, bars = summary["suggest"], [r for r in json.load(open(tmp_path / "out" / "anchors.json"))["boxes"]]
+    assert summary["boxes"] == 32 and s["before"] <= 0.25 and s["after"] >= 0.9  # the 8 squares at most, before
+    assert min(s["anchor_ratios"]) <= 0.25 and sum(b["boxes"] for b in s["bands"]) == 32 and len(bars) == 32
+    flags = train.get_args_parser().parse_args(s["flags"].split())
+    assert (tuple(flags.anchor_sizes), tuple(flags.anchor_ratios)) == (tuple(s["anchor_sizes"]), tuple(
+        pytest.approx(r, abs=1e-4) for r in s["anchor_ratios"]))
+
+
 def test_checkpoint_classes_must_match_the_dataset(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="instances_val2017.json: the model's classes are not this dataset's"):
         analyze.main(args("cdf", "--weights", tiny_checkpoint, "--data", shared_path("coco_val2017_subset"),
@@ -216,9 +243,9 @@ def test_negatives_beyond_the_cap_are_a_uniform_sample_of_all():
 
 
 def test_anchor_coverage_defaults_to_the_datasets_own_configuration(tiny_shapes):
-    name, cfg = analyze.preset_config(tiny_shapes, "val")
+    name, cfg = analyze.preset_config(D.coco_paths(tiny_shapes, "val")[0])
     assert name == "quickstart" and cfg.anchor_sizes == (16, 32, 64, 128, 256) and cfg.min_size == 160
-    name, cfg = analyze.preset_config(shared_path("coco_val2017_subset"), "val2017")
+    name, cfg = analyze.preset_config(D.coco_paths(shared_path("coco_val2017_subset"), "val2017")[0])
     assert name == "paper" and cfg.anchor_sizes == (32, 64, 128, 256, 512) and cfg.min_size == 800
 
 

@@ -153,3 +153,30 @@ def test_anchors_cover_padded_input(offset):
     anchors = A.generate_anchors((128, 256), offset=offset)
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     assert centres[:, 0].max() < 256 and centres[:, 1].max() < 128 and centres.min() >= 0
+
+
+def test_the_nearest_anchor_centre_gives_the_best_iou_of_every_anchor():
+    """fit_anchors' estimate: each box against each anchor shape at its level's centre nearest the box's centre.
+    The overlap falls with the distance along x and along y apart, so that centre is the best of its level, and the
+    best over shapes is the best IoU of all the anchors of the image (boxes away from the right and bottom edges,
+    whose nearest centre may lie past the grid)."""
+    g = torch.Generator().manual_seed(0)
+    xy, wh = torch.rand(300, 2, generator=g) * 260, torch.rand(300, 2, generator=g) * 200 + 4
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes = boxes[((boxes[:, :2] + boxes[:, 2:]) / 2 < 320).all(1)]  # centres in the grid of a 512 x 512 image
+    ratios, scales = (0.2, 1.0, 3.0), (1.0, 1.5)
+    estimate = A.nearest_anchor_iou(boxes.double(), *A.anchor_shapes(A.SIZES, scales, ratios)).max(1).values
+    exact = A.box_iou(boxes, A.generate_anchors((512, 512), scales=scales, ratios=ratios)).max(1).values
+    torch.testing.assert_close(estimate.float(), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_anchors_finds_the_ratio_of_8_to_1_boxes_and_never_covers_less():
+    g = torch.Generator().manual_seed(1)
+    h = torch.rand(400, generator=g) * 20 + 12
+    xy = torch.rand(400, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + torch.stack([8 * h, h], 1)], 1)  # 8 wide, 1 high
+    (sizes, scales, ratios), before, after = A.fit_anchors(boxes)
+    assert before < 0.05 and after > 0.95 and min(ratios) <= 0.25  # ratio = height / width
+    assert len(sizes) == 5 and all(b == 2 * a for a, b in zip(sizes, sizes[1:])) and len(scales) == len(ratios) == 3
+    (_, _, _), before_sq, after_sq = A.fit_anchors(torch.tensor([[10.0, 10.0, 74.0, 74.0], [0.0, 0.0, 32.0, 32.0]]))
+    assert before_sq == after_sq == 1.0  # already covered: the search keeps coverage (it only ever moves up)

@@ -124,7 +124,7 @@ def test_anchors_endpoint_counts_equal_the_matcher(client, server):
     _, table = client.predict(2, None, "", 0.6, 0.3, levels, api_name="/anchors")
     counts = dict(table["data"])
     cfg = W.load_checkpoint(server["weights"]).cfg
-    ds = analyze.dataset(server["data"], None, cfg, train_like=True)
+    ds = analyze.dataset(analyze.split_paths(server["data"]), cfg, train_like=True)
     image, target = ds[2]
     d = cfg.size_divisible
     anchors, _ = M.make_anchors(cfg, [-(-s // d) * d for s in image.shape[1:]])
@@ -148,7 +148,7 @@ def test_anchors_endpoint_on_an_upload_with_typed_boxes(client, server):
 def test_focal_endpoint_tables_equal_fig4s_numbers(client, server):
     _, _, missing, hardest, flow, _ = client.predict(2.0, 0.25, api_name="/focal")
     model = W.load_checkpoint(server["weights"])
-    ds = analyze.dataset(server["data"], None, model.cfg, train_like=True)
+    ds = analyze.dataset(analyze.split_paths(server["data"]), model.cfg, train_like=True)
     logits = fig4.collect_logits(model, ds, progress=lambda it, total: it)
     assert missing == "" and [row[0] for row in hardest["data"]] == ["0", "0.5", "1", "2"]  # the paper's gammas
     where = fig4.where_the_loss_goes(logits, (0.0, 2.0))

@@ -19,7 +19,7 @@ def coco_subset():
 
 def read_back(fmt, folder, images):
     if fmt == "voc":
-        return convert.read_voc(folder, images)
+        return convert.read_voc(folder, images, os.path.join(folder, "classes.txt"))
     if fmt == "yolo":
         return convert.read_yolo(folder, images, os.path.join(folder, "classes.txt"))
     return convert.read_csv(os.path.join(folder, "annotations.csv"), os.path.join(folder, "classes.csv"))
