@@ -76,7 +76,8 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
                 if eval_at and stats["AP"] > best:  # kept by val AP, as detectron2's BestCheckpointer
                     W.save_checkpoint(best_path, raw_model, optimizer, scheduler, scaler, done, loss_cfg, run_args,
                                       {k: stats[k] for k in STATS})
-                    print0(f"best.pt: AP {stats['AP']:.3f} at iteration {done} (before: {max(best, 0):.3f})")
+                    before = f"{best:.3f}" if best >= 0 else "none"
+                    print0(f"best.pt: AP {stats['AP']:.3f} at iteration {done} (best before: {before})")
                     best = stats["AP"]
             t0 += time.time() - t_eval  # images/s counts training time only
         if done % ckpt_every == 0 or done == iters:
