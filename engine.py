@@ -74,11 +74,8 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
             if rank == 0:
                 log(out, {"iter": done, "eval": {k: stats[k] for k in STATS}})
                 if eval_at and stats["AP"] > best:  # kept by val AP, as detectron2's BestCheckpointer
-                    W.save_checkpoint(best_path, raw_model, optimizer, scheduler, scaler, done, loss_cfg, run_args,
-                                      {k: stats[k] for k in STATS})
-                    before = f"{best:.3f}" if best >= 0 else "none"
-                    print0(f"best.pt: AP {stats['AP']:.3f} at iteration {done} (best before: {before})")
-                    best = stats["AP"]
+                    best = save_best(best_path, best, stats, raw_model, optimizer, scheduler, scaler, done, loss_cfg,
+                                     run_args)
             t0 += time.time() - t_eval  # images/s counts training time only
         if done % ckpt_every == 0 or done == iters:
             W.check_finite(raw_model, done, where)  # on every rank: the weights are the same on all
@@ -103,6 +100,15 @@ def stop_if_not_finite(values, it, where):
     if values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
         raise FloatingPointError(f"iteration {it}: gradient norm is {values['grad_norm']} with a finite loss "
                                  f"({values['loss']:.4g}); stopped. Last good checkpoint: {where}")
+
+
+def save_best(path, best, stats, model, optimizer, scheduler, scaler, iteration, loss_cfg, run_args):
+    """best.pt: the checkpoint of the evaluation `stats`, better than `best`, with its numbers. Returns its AP."""
+    W.save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, loss_cfg, run_args,
+                      {k: stats[k] for k in STATS})
+    before = f"{best:.3f}" if best >= 0 else "none"
+    print0(f"best.pt: AP {stats['AP']:.3f} at iteration {iteration} (best before: {before})")
+    return stats["AP"]
 
 
 def best_so_far(out, start):
