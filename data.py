@@ -1,11 +1,12 @@
-"""Data: COCO-format detection datasets through pycocotools, a synthetic shapes set, COCO evaluation.
+"""Data: COCO-format detection datasets through pycocotools, batched for training.
 
 The paper trains on COCO trainval35k and reports COCO AP on minival / test-dev (§5). Any dataset in
 COCO format works: an instances_*.json and a folder of images; shapes.py writes a synthetic set in
-that format, so the quick start exercises exactly the code COCO uses.
+that format, so the quick start exercises exactly the code COCO uses, and convert.py turns Pascal VOC,
+YOLO and CSV annotations into it.
 
-This file knows no model: it yields uint8 images and per-image targets, batches them (BatchStream,
-collate), and scores COCO results.
+This file knows no model: it yields uint8 images and per-image targets and batches them (BatchStream,
+collate); evaluate.py scores the detections.
 """
 import contextlib
 import io
