@@ -6,8 +6,7 @@
     torchrun --nproc_per_node=8 train.py --data /path/to/coco --arch resnet101 --schedule 1.5 --scales 640 800
     python train.py --data /path/to/coco --eval-only --weights runs/retinanet/checkpoint.pt
     python train.py --resume --out runs/quickstart                # continue an interrupted run
-    python train.py --train-ann mine/train.json --train-images mine/img --val-ann mine/val.json --val-images mine/img \
-        --finetune torchvision --iters 6000 --steps 4000 5000 --eval-at 2000 4000   # your own set (convert.py)
+    python train.py --train-ann a.json --train-images img/ --val-ann b.json --val-images img/  # your set (convert.py)
 
 With --data the defaults are the paper's (PAPER below): ResNet-50 with ImageNet weights and frozen BN,
 SGD with momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
