@@ -197,9 +197,9 @@ def fit_anchors(boxes, sizes=SIZES, scales=SCALES, ratios=RATIOS, strides=STRIDE
     def coverage(p):
         return nearest_anchor_iou(boxes, *anchor_shapes(*p, strides)).max(1).values
 
-    def score(p):
+    def score(p):  # boxes covered first, then the mean best IoU: a tie-break that never trades a box away
         best = coverage(p)
-        return (best >= iou).double().mean().item() + 1e-3 * best.mean().item()
+        return int((best >= iou).sum()), best.mean().item()
 
     p = (tuple(sizes), tuple(scales), tuple(ratios))
     best = score(p)
@@ -212,7 +212,7 @@ def fit_anchors(boxes, sizes=SIZES, scales=SCALES, ratios=RATIOS, strides=STRIDE
                 q = list(p)
                 q[k] = (tuple(value * 2 ** level for level in range(len(sizes))) if k == 0 else
                         tuple(sorted(p[k][:i] + (value,) + p[k][i + 1:])))
-                if (s := score(q)) > best + 1e-12:
+                if (s := score(q)) > best:
                     p, best, moved = tuple(q), s, True
         if not moved:
             break

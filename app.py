@@ -25,6 +25,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import analyze
 import anchors as A
+import data as D
 import fig4
 import infer
 import model as M
@@ -274,7 +275,7 @@ def main(args):
     photos = os.path.join(shared, "demo")  # real photos, when the shared data folder is there
     if os.path.isdir(photos):
         examples += sorted(os.path.join(photos, f) for f in os.listdir(photos) if f.lower().endswith(
-            infer.IMAGE_EXTENSIONS))
+            D.IMAGE_EXTENSIONS))
     # show_error: an upload Gradio itself cannot open (not an image) gets PIL's one-line reason in the app
     build(ex, examples).queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
                                        max_file_size="50mb", allowed_paths=[os.path.abspath(photos)])

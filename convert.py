@@ -18,9 +18,9 @@ The formats, as their tools write them:
 - CSV (keras-retinanet): `path,x1,y1,x2,y2,class` a line in pixels, `path,,,,,` for a picture without
   objects, paths relative to the CSV's folder; --classes is its class mapping, `name,id` a line.
 Category ids are 1..K in --classes' order; image ids 1..N in file order. Bad input stops the conversion with
-one line naming the file and its line: a box reaching more than 1 px outside its picture (up to 1 px, the
-0- or 1-based edge of annotation tools, it is clipped), x2 <= x1 or y2 <= y1, an unknown class, a missing
-picture, a line that does not parse. Nothing is written until everything has been read.
+one line naming the file, and its line where it has one: a box reaching more than 1 px outside its picture
+(up to 1 px, the 0- or 1-based edge of annotation tools, it is clipped), x2 <= x1 or y2 <= y1, an unknown
+class, a missing picture, a line that does not parse. Nothing is written until everything has been read.
 
 Short readers of the standard library, not globox or supervision: globox reads VOC and YOLO but not
 keras-retinanet's CSV and reports no line for a bad box; supervision would add PyAV, SciPy, requests and
@@ -28,17 +28,15 @@ YAML to the requirements for three formats of a few dozen lines each.
 """
 import argparse
 import csv
+import io
 import os
 import re
 import xml.etree.ElementTree as ET  # expat >= 2.4.1 refuses entity expansion bombs; no external entities
 from xml.sax.saxutils import escape
 
-import torch
 from PIL import Image
 
 import data as D
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def picture_size(path, where):
@@ -62,12 +60,12 @@ def checked_box(box, width, height, where):
 
 
 def read_text(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
 def write_text(path, text):
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
 
 
@@ -90,8 +88,7 @@ def read_voc(folder, images=None, classes=None):
     names, pictures = (read_names(classes) if classes else None), []
     for name in xmls:
         path = os.path.join(folder, name)
-        with open(path) as f:
-            text = f.read()
+        text = read_text(path)
         lines = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"<object\b", text)]  # for the errors
         try:
             root = ET.fromstring(text)
@@ -116,9 +113,10 @@ def read_voc(folder, images=None, classes=None):
 def read_yolo(folder, images, classes):
     """YOLO labels in folder (stem.txt for each picture in images). Returns read_voc's triple."""
     names, pictures = read_names(classes), []
-    files = sorted(f for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(f for f in os.listdir(images) if f.lower().endswith(D.IMAGE_EXTENSIONS))
     stems = {os.path.splitext(f)[0] for f in files}
-    for txt in sorted(f for f in os.listdir(folder) if f.endswith(".txt") and f != os.path.basename(classes)):
+    skip = {"classes.txt", os.path.basename(classes)}  # LabelImg writes its class list beside the labels
+    for txt in sorted(f for f in os.listdir(folder) if f.endswith(".txt") and f not in skip):
         if os.path.splitext(txt)[0] not in stems:
             raise ValueError(f"{os.path.join(folder, txt)}: no picture {os.path.splitext(txt)[0]}.* in {images}")
     for file_name in files:
@@ -143,16 +141,17 @@ def read_yolo(folder, images, classes):
 
 def read_csv(path, classes):
     """keras-retinanet's CSV and its class mapping (name,id). Returns read_voc's triple."""
-    with open(classes, newline="") as f:
-        mapping = {}
-        for number, row in enumerate(csv.reader(f), 1):
+    with open(classes, newline="", encoding="utf-8") as f:
+        mapping, rows = {}, csv.reader(f)
+        for row in rows:
             if len(row) != 2 or not row[1].strip().isdigit():
-                raise ValueError(f"{classes}:{number}: not 'class_name,id'")
+                raise ValueError(f"{classes}:{rows.line_num}: not 'class_name,id'")
             mapping[row[0]] = int(row[1])
     names, base, by_picture = sorted(mapping, key=mapping.get), os.path.dirname(os.path.abspath(path)), {}
-    with open(path, newline="") as f:
-        for number, row in enumerate(csv.reader(f), 1):
-            where = f"{path}:{number}"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        for row in rows:
+            where = f"{path}:{rows.line_num}"  # the line, also after a quoted field spanning lines
             if len(row) != 6:
                 raise ValueError(f"{where}: not 'path,x1,y1,x2,y2,class' ({len(row)} fields)")
             if row[0] not in by_picture:
@@ -189,46 +188,50 @@ def split(coco, fraction, seed=0):
     n = round(len(coco["images"]) * fraction)
     if not 0 < n < len(coco["images"]):
         raise ValueError(f"--val-fraction {fraction} of {len(coco['images'])} pictures holds out {n}")
-    order = torch.randperm(len(coco["images"]), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = {coco["images"][i]["id"] for i in order[:n]}
-    return [{**coco, "images": [im for im in coco["images"] if keep(im["id"])],
-             "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
-            for keep in (lambda i: i not in held, lambda i: i in held)]
+    return D.split_images(coco, n, seed)
+
+
+def number(v):
+    """A coordinate as text: up to 3 decimals, no trailing zeros (COCO's boxes have 2)."""
+    return f"{round(v, 3):.12g}"
+
+
+def csv_text(rows):
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)  # quoted where a name or path has a comma
+    return out.getvalue()
 
 
 def write_from_coco(ann_file, images, to, out):
     """COCO -> VOC XML or YOLO txt (+ classes.txt, the categories in id order), or CSV (+ classes.csv) in out; crowd
-    regions are left out (none of the three has them). Returns how many boxes were written."""
-    coco, files = D.load_coco(ann_file), {}
+    regions are left out (none of the three has them). The CSV keeps decimals (this reader takes them;
+    keras-retinanet's own wants integers). Returns how many boxes were written."""
+    coco, files, rows = D.load_coco(ann_file), {}, []
     cats = sorted(coco.cats)
-    names = [coco.cats[c]["name"] for c in cats]
-    os.makedirs(out, exist_ok=True)
-    rows = []
+    names, index = [coco.cats[c]["name"] for c in cats], {c: k for k, c in enumerate(cats)}  # YOLO's class index
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
         w, h = info["width"], info["height"]
-        boxes = [(a["bbox"], coco.cats[a["category_id"]]["name"]) for a in coco.imgToAnns[image_id]
-                 if not a.get("iscrowd")]
+        boxes = [(a["bbox"], a["category_id"]) for a in coco.imgToAnns[image_id] if not a.get("iscrowd")]
         stem = os.path.splitext(info["file_name"])[0]
-        if to == "voc":
-            objects = "".join(f"<object><name>{escape(n)}</name><difficult>0</difficult><bndbox><xmin>{x + 1:g}</xmin>"
-                              f"<ymin>{y + 1:g}</ymin><xmax>{x + bw:g}</xmax><ymax>{y + bh:g}</ymax></bndbox></object>"
-                              for (x, y, bw, bh), n in boxes)
+        if to == "voc":  # pixel indices from 1: xmin = x1 + 1, xmax = x2
+            objects = "".join(f"<object><name>{escape(coco.cats[c]['name'])}</name><difficult>0</difficult><bndbox>"
+                              f"<xmin>{number(x + 1)}</xmin><ymin>{number(y + 1)}</ymin><xmax>{number(x + bw)}</xmax>"
+                              f"<ymax>{number(y + bh)}</ymax></bndbox></object>" for (x, y, bw, bh), c in boxes)
             files[f"{stem}.xml"] = (f"<annotation><filename>{escape(info['file_name'])}</filename><size>"
                                     f"<width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}"
                                     "</annotation>\n")
         elif to == "yolo":
-            files[f"{stem}.txt"] = "".join(f"{names.index(n)} {(x + bw / 2) / w:.7f} {(y + bh / 2) / h:.7f} "
-                                           f"{bw / w:.7f} {bh / h:.7f}\n" for (x, y, bw, bh), n in boxes)
+            files[f"{stem}.txt"] = "".join(f"{index[c]} {(x + bw / 2) / w:.7f} {(y + bh / 2) / h:.7f} "
+                                           f"{bw / w:.7f} {bh / h:.7f}\n" for (x, y, bw, bh), c in boxes)
         else:
             path = os.path.relpath(os.path.join(images, info["file_name"]), out)
-            rows += [[path, f"{x:g}", f"{y:g}", f"{x + bw:g}", f"{y + bh:g}", n] for (x, y, bw, bh), n in boxes] or [
-                [path, "", "", "", "", ""]]
+            rows += [[path, *map(number, (x, y, x + bw, y + bh)), coco.cats[c]["name"]]
+                     for (x, y, bw, bh), c in boxes] or [[path, "", "", "", "", ""]]
     if to in ("voc", "yolo"):  # VOC has no class list of its own: this one keeps the ids of every split the same
         files["classes.txt"] = "".join(f"{n}\n" for n in names)
     if to == "csv":
-        files["annotations.csv"] = "".join(",".join(r) + "\n" for r in rows)
-        files["classes.csv"] = "".join(f"{n},{i}\n" for i, n in enumerate(names))
+        files["annotations.csv"], files["classes.csv"] = csv_text(rows), csv_text((n, i) for i, n in enumerate(names))
     for name, text in files.items():
         os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
         D.write_atomic(os.path.join(out, name), lambda tmp, text=text: write_text(tmp, text))

@@ -22,6 +22,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # the pictures of a folder
+
 
 def write_atomic(path, write):
     """write(tmp) to a temporary name of this process's own, then rename it to path: a crash never
@@ -99,12 +101,18 @@ def holdout_split(root, split="train", holdout=500, seed=0):
         data = json.load(f)
     if not 0 < holdout < len(data["images"]):
         raise ValueError(f"{ann}: cannot hold out {holdout} of its {len(data['images'])} images")
-    order = torch.randperm(len(data["images"]), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = {data["images"][i]["id"] for i in order[:holdout]}
-    for path, keep in zip(paths, (lambda i: i not in held, lambda i: i in held)):
-        write_json(path, {**data, "images": [im for im in data["images"] if keep(im["id"])],
-                          "annotations": [a for a in data["annotations"] if keep(a["image_id"])]})
+    for path, part in zip(paths, split_images(data, holdout, seed)):
+        write_json(path, part)
     return tuple(paths)
+
+
+def split_images(data, n, seed=0):
+    """COCO instances (a dict) cut in two, (the rest, n images drawn by seed), each with its annotations."""
+    order = torch.randperm(len(data["images"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {data["images"][i]["id"] for i in order[:n]}
+    return [{**data, "images": [im for im in data["images"] if keep(im["id"])],
+             "annotations": [a for a in data["annotations"] if keep(a["image_id"])]}
+            for keep in (lambda i: i not in held, lambda i: i in held)]
 
 
 class CocoDetection(torch.utils.data.Dataset):

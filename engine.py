@@ -47,7 +47,7 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     ckpt_path, last_good, stats, t0 = os.path.join(out, "checkpoint.pt"), None, None, time.time()
-    best_path, best = os.path.join(out, "best.pt"), best_so_far(out, start)
+    best_path, best = os.path.join(out, "best.pt"), best_so_far(out, start) if rank == 0 else -1.0
     pixels, anchor_cache = [0, 0], {}  # pixels in the batches, of the images (1.0: no padding); anchors a size
     bar = tqdm(total=iters, initial=start, disable=rank != 0, dynamic_ncols=True)
     model.train()
@@ -57,7 +57,7 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
         values = forward_backward(model, raw_model.cfg, loss_cfg, images, targets, optimizer, scaler, anchor_cache,
                                   amp, clip_grad)
         where = f"{ckpt_path} (iteration {last_good})" if last_good else "none written yet"
-        stop_if_not_finite(values, it, where)  # before the step writes NaN into the weights
+        stop_if_not_finite(values, it, where, scaler.is_enabled())  # before the step writes NaN into the weights
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -70,7 +70,8 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
         bar.update(1)
         if done in eval_at or (done == iters and final_eval):  # AP against iterations
             t_eval = time.time()
-            stats = evaluate(raw_model, val_ds, rank=rank, world=world, workers=eval_workers, out_dir=out)
+            stats = evaluate(raw_model, val_ds, rank=rank, world=world, workers=eval_workers,
+                             out_dir=out if done == iters else None)
             if rank == 0:
                 log(out, {"iter": done, "eval": {k: stats[k] for k in STATS}})
                 if eval_at and stats["AP"] > best:  # kept by val AP, as detectron2's BestCheckpointer
@@ -92,12 +93,13 @@ def train(model, loss_cfg, loader, optimizer, scheduler, scaler, val_ds, *, star
     return stats
 
 
-def stop_if_not_finite(values, it, where):
+def stop_if_not_finite(values, it, where, scaler_skips=False):
     """FloatingPointError naming the last good checkpoint (`where`) when iteration it's loss or gradient norm is not
-    finite (clipping cannot mend an infinite norm)."""
+    finite (clipping cannot mend an infinite norm). scaler_skips: float16 AMP's loss scaler, which overflows now and
+    then by design and skips that step itself, lowering its scale: a non-finite norm is its business then."""
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(f"iteration {it}: loss is {values['loss']}; stopped. Last good checkpoint: {where}")
-    if values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]):
+    if values["grad_norm"] is not None and not math.isfinite(values["grad_norm"]) and not scaler_skips:
         raise FloatingPointError(f"iteration {it}: gradient norm is {values['grad_norm']} with a finite loss "
                                  f"({values['loss']:.4g}); stopped. Last good checkpoint: {where}")
 

@@ -32,7 +32,6 @@ import weights as W
 from evaluate import coco_results
 
 DEFAULT_WEIGHTS = "runs/quickstart/checkpoint.pt"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FONT = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324"]
 
@@ -70,7 +69,7 @@ def list_images(paths):
     out = []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(D.IMAGE_EXTENSIONS))
         else:
             out.append(p)
     return out

@@ -6,7 +6,6 @@
     torchrun --nproc_per_node=8 train.py --data /path/to/coco --arch resnet101 --schedule 1.5 --scales 640 800
     python train.py --data /path/to/coco --eval-only --weights runs/retinanet/checkpoint.pt
     python train.py --resume --out runs/quickstart                # continue an interrupted run
-    python train.py --train-ann a.json --train-images img/ --val-ann b.json --val-images img/  # your set (convert.py)
 
 With --data the defaults are the paper's (PAPER below): ResNet-50 with ImageNet weights and frozen BN,
 SGD with momentum 0.9 and weight decay 1e-4, LR 0.01 for 16 images (scaled linearly with --batch-size),
@@ -84,10 +83,8 @@ def get_args_parser():
     a("--prior", type=float, default=0.01, help="pi of the prior initialisation (§3.3)")
     a("--anchor-sizes", type=int, nargs="+", help="anchor size on P3-P7 (with --finetune: the checkpoint's unless "
       "given); " + preset("anchor_sizes"))
-    a("--anchor-ratios", type=float, nargs="+", help="anchor aspect ratios, height / width (default: the paper's 0.5 "
-      "1 2; with --finetune the checkpoint's); analyze.py anchors --suggest proposes them for a set")
-    a("--anchor-scales", type=float, nargs="+", help="anchor scales, multiples of the size (default: the paper's "
-      "2^0 2^(1/3) 2^(2/3); with --finetune the checkpoint's)")
+    a("--anchor-ratios", type=float, nargs="+", help="aspect ratios h/w (default 0.5 1 2, or --finetune's)")
+    a("--anchor-scales", type=float, nargs="+", help="multiples of the size (default 1 1.26 1.59, or --finetune's)")
     a("--min-size", type=int, help="shorter side of the images; " + preset("min_size"))
     a("--max-size", type=int, help="longest side at most; " + preset("max_size"))
     a("--size-divisible", type=int, help="batches padded to a multiple of it; " + preset("size_divisible"))
@@ -136,7 +133,7 @@ def get_args_parser():
 
 def fill_defaults(args):
     """The preset's value for every flag left unset, and --schedule applied."""
-    own = args.train_ann and args.val_ann  # your own set: the annotation files named, no COCO-format root
+    own = args.train_ann or args.val_ann  # your own set: the annotation files named, no COCO-format root
     args.preset = args.preset or ("paper" if args.data or own else "quickstart")
     if args.preset == "paper" and not (args.data or own):
         raise ValueError("--preset paper needs --data (a COCO-format root) or --train-ann and --val-ann")
@@ -174,8 +171,10 @@ def setup_process(args):
 
 def datasets(args, train=True):
     """The train (if train) and val datasets, by the standard layout or the --*-ann/--*-images flags."""
-    if args.data is None and not (args.val_images and (args.train_images or not train)):
-        raise ValueError("--train-ann and --val-ann without --data need --train-images and --val-images")
+    need = ("val_ann", "val_images", "train_ann", "train_images")[:4 if train else 2]  # without --data, all named
+    missing = [f"--{k.replace('_', '-')}" for k in need if not getattr(args, k)]
+    if args.data is None and missing:
+        raise ValueError(f"without --data your own set needs {', '.join(missing)}")
     ann, images = D.coco_paths(args.data or "", args.val_split)
     val = D.CocoDetection(args.val_ann or ann, args.val_images or images)
     if not train:
@@ -241,6 +240,7 @@ def main(args):
 
     train_ds, val_ds = datasets(args)
     model = build_model(args, train_ds, device)
+    category_ids(model.cfg, val_ds)  # a val set of other classes fails now, not at the first evaluation
     loss_cfg = LossConfig(alpha=args.alpha, gamma=args.gamma, box_loss=args.box_loss, ohem_ratio=args.ohem)
     if dist.is_initialized() and model.cfg.norm == "bn":  # trainable BN: normalise over all processes' images
         model = B.sync_batch_norm(model)  # before the optimizer takes the parameters
@@ -287,7 +287,7 @@ def evaluate_only(args, device, rank, world):
     amp, why = M.autocast_choice(args.amp, device)
     print0(why)
     stats = evaluate(model, val, rank=rank, world=world, out_dir=args.out, amp=amp is not None)
-    print0(json.dumps(stats))
+    print0(json.dumps({k: v for k, v in (stats or {}).items() if k != "per_class"}))  # printed as a table above
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"model": model, "stats": stats}

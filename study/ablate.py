@@ -23,6 +23,7 @@ import data as D
 import shapes
 import train
 from engine import read_metrics
+from evaluate import STATS
 from study import dense, pretrain
 
 VARIANTS = {  # name -> (the paper's table and row, the loss, train.py flags)
@@ -91,7 +92,8 @@ def train_run(out, flags):
     resume = ["--resume"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []
     try:
         run = train.main(train.get_args_parser().parse_args(dense.train_flags(flags) + ["--out", out] + resume))
-        result = {"stats": run["stats"], "curve": [row for row in read_metrics(out) if "eval" in row]}
+        stats = run["stats"] and {k: run["stats"][k] for k in STATS}  # the 12 numbers: result.json stays small
+        result = {"stats": stats, "curve": [row for row in read_metrics(out) if "eval" in row]}
     except FloatingPointError as e:  # CE without the prior can diverge (§5.1)
         result = {"diverged": str(e).split(";")[0]}
     D.write_json(path, result)

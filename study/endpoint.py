@@ -31,7 +31,7 @@ import torch
 import data as D
 import weights as W
 from engine import read_metrics
-from evaluate import evaluate
+from evaluate import STATS, evaluate
 from loss import MONITOR
 from study import ablate, dense
 from study.table1 import ORDER, ROWS, SEEDS, curve, figure, pull_at_prior
@@ -122,7 +122,8 @@ def run(args, data, row, lr, seed):
     if "stats" in result:  # the table's number: the val pictures, seen by no decision
         ann, val_images = D.coco_paths(data, "val")
         model = W.load_checkpoint(os.path.join(out, "checkpoint.pt"), on)  # train.py's device
-        result["val"] = evaluate(model, D.CocoDetection(ann, val_images))
+        val = evaluate(model, D.CocoDetection(ann, val_images))
+        result["val"] = {k: val[k] for k in STATS}  # the ledger is committed: the 12 numbers, no per-class table
         rows = [r for r in read_metrics(out) if "eval" not in r]  # the training log, by column (compact)
         result["log"] = {m: [r.get(m) for r in rows] for m in ("iter", "cls", "box", "lr", *MONITOR)}
     chip = torch.cuda.get_device_name(on) if on != "cpu" else torch.backends.cpu.get_cpu_capability()

@@ -180,3 +180,6 @@ def test_fit_anchors_finds_the_ratio_of_8_to_1_boxes_and_never_covers_less():
     assert len(sizes) == 5 and all(b == 2 * a for a, b in zip(sizes, sizes[1:])) and len(scales) == len(ratios) == 3
     (_, _, _), before_sq, after_sq = A.fit_anchors(torch.tensor([[10.0, 10.0, 74.0, 74.0], [0.0, 0.0, 32.0, 32.0]]))
     assert before_sq == after_sq == 1.0  # already covered: the search keeps coverage (it only ever moves up)
+    xy, wh = torch.rand(3000, 2, generator=g) * 400, torch.rand(3000, 2, generator=g) ** 2 * 300 + 6  # many sizes
+    _, before, after = A.fit_anchors(torch.cat([xy, xy + wh], 1), rounds=1)
+    assert after >= before  # 3,000 boxes: a mean-IoU bonus weighed against coverage could have traded boxes away

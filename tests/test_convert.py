@@ -138,3 +138,16 @@ def test_val_fraction_holds_out_pictures_and_train_py_trains_on_the_converted_se
                                                           "val-ann": val_json, "val-images": images})
     assert result["model"].cfg.class_names == tuple(c["name"] for c in train["categories"])
     assert set(result["stats"]) >= {"AP", "per_class"}
+
+
+def test_an_own_set_named_by_half_its_flags_or_of_other_val_classes_fails_before_training(tiny_shapes, tmp_path):
+    ann, images = D.coco_paths(tiny_shapes, "train")
+    with pytest.raises(ValueError, match="without --data your own set needs --val-ann, --val-images"):
+        run(None, str(tmp_path / "a"), iters=2, **{"train-ann": ann, "train-images": images})
+    other = tmp_path / "other.json"  # the val set's classes renamed: caught before the first iteration
+    data = json.load(open(D.coco_paths(tiny_shapes, "val")[0]))
+    other.write_text(json.dumps({**data, "categories": [{**c, "name": c["name"] + "x"} for c in data["categories"]]}))
+    with pytest.raises(ValueError, match="other.json: the model's classes are not this dataset's"):
+        run(None, str(tmp_path / "b"), iters=2, **{"train-ann": ann, "train-images": images, "val-ann": str(other),
+                                                    "val-images": D.coco_paths(tiny_shapes, "val")[1]})
+    assert not os.path.exists(tmp_path / "b" / "metrics.jsonl")

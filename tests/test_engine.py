@@ -212,3 +212,23 @@ def test_eval_at_keeps_the_best_checkpoint_beside_the_last(tiny_shapes, tmp_path
     evaluations()
     run(tiny_shapes, out, iters=1, **{"no-eval": True})  # a fresh run in the same folder
     assert not os.path.exists(os.path.join(out, "best.pt"))
+
+
+def test_under_the_float16_loss_scaler_an_overflow_with_clipping_is_skipped_not_fatal(tiny_checkpoint, monkeypatch):
+    """float16 AMP's GradScaler (here on the CPU) overflows now and then by design: with --clip-grad the gradients
+    are unscaled first and their norm is infinite, and the step must be the scaler's to skip (weights unchanged,
+    a lower scale), not a stopped run; without the scaler the same norm stops it."""
+    spike_at(monkeypatch, 1, 1e36)  # x the scaler's 65,536: past float32's range, the gradients inf
+    model = W.load_checkpoint(tiny_checkpoint).train()
+    scaler, opt = torch.amp.GradScaler("cpu"), torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+    values = engine.forward_backward(model, model.cfg, LossConfig(), images, targets, opt, scaler, {}, clip_grad=1.0)
+    assert math.isfinite(values["loss"]) and not math.isfinite(values["grad_norm"])
+    engine.stop_if_not_finite(values, 0, "x.pt", scaler_skips=True)  # no error
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and scaler.get_scale() < 65536
+    with pytest.raises(FloatingPointError, match="gradient norm is (inf|nan) with a finite loss"):
+        engine.stop_if_not_finite(values, 0, "x.pt")
