@@ -175,19 +175,18 @@ def load_for_finetune(path, class_names, category_ids, prior, min_size, max_size
     anchors given (None: the checkpoint's). New classes get a new class output layer with the prior's bias (§3.3);
     another number of anchors a location, new output layers in both subnets; the rest of the network is kept."""
     model = load_checkpoint(path)
-    cfg = model.cfg
-    if cfg.num_classes != len(class_names):
-        model.cls_head.reset_output(len(class_names), prior)
+    cfg, classes_before = model.cfg, model.cfg.num_classes
     cfg.num_classes, cfg.class_names, cfg.category_ids = len(class_names), tuple(class_names), tuple(category_ids)
     cfg.min_size, cfg.max_size = min_size, max_size
     for key, value in (("anchor_sizes", anchor_sizes), ("anchor_ratios", anchor_ratios), ("anchor_scales",
                                                                                           anchor_scales)):
         if value:  # other shapes keep the output layers: each output learns its anchor's deltas anew
             setattr(cfg, key, tuple(value))
-    if cfg.num_anchors != model.box_head.num_anchors:
-        for head in (model.cls_head, model.box_head):
-            head.num_anchors = cfg.num_anchors
+    new_anchors = cfg.num_anchors != model.box_head.num_anchors
+    model.cls_head.num_anchors = model.box_head.num_anchors = cfg.num_anchors
+    if new_anchors or cfg.num_classes != classes_before:
         model.cls_head.reset_output(cfg.num_classes, prior)
+    if new_anchors:
         model.box_head.reset_output(4)
     return model
 
